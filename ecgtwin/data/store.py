@@ -1,0 +1,139 @@
+"""A site store: the training-ready form of one site's records, grouped by patient.
+
+Layout of STORE/ (written atomically: a new store replaces the old one only when complete):
+    manifest.json   representation (leads, rate, length), source, preprocessing, summary
+    signals.npy     float32 (n_records, 12, n_samples), rows sorted by patient then time
+    records.csv     one row per signal: record_id, patient_id, recording_time, age, sex, report, labels, ...
+    rejected.csv    every record that was refused: source file, reason code, message
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ecgtwin.data.record import LEADS, Record, Rejected
+
+FORMAT_VERSION = 1
+RECORD_COLUMNS = (
+    "record_id", "patient_id", "recording_time", "age", "sex", "report", "labels",
+    "site", "fold", "hr", "source", "extra",
+)
+
+
+def record_row(record: Record) -> dict:
+    """The metadata of a record as one store row (labels and extra as JSON text)."""
+    return {
+        "record_id": record.record_id,
+        "patient_id": record.patient_id,
+        "recording_time": record.recording_time.isoformat() if record.recording_time else "",
+        "age": record.age,
+        "sex": record.sex or "",
+        "report": record.report,
+        "labels": json.dumps(record.labels, sort_keys=True),
+        "site": record.site,
+        "fold": record.fold,
+        "hr": record.hr,
+        "source": record.source,
+        "extra": json.dumps(record.extra, sort_keys=True),
+    }
+
+
+class StoreWriter:
+    """Collects preprocessed signals on disk (not in memory) and writes the final store atomically."""
+
+    def __init__(self, out: str | Path, n_samples: int) -> None:
+        self.out = Path(out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        self._staging.chmod(0o755)  # mkdtemp makes it owner-only; a store is shared with the site's trainers
+        self._raw = open(self._staging / "signals.raw", "wb")
+        self._shape = (len(LEADS), n_samples)
+        self.rows: list[dict] = []
+        self.rejected: list[Rejected] = []
+
+    def add(self, row: dict, signal: np.ndarray) -> None:
+        assert signal.shape == self._shape, signal.shape
+        self._raw.write(np.ascontiguousarray(signal, dtype=np.float32).tobytes())
+        self.rows.append(row)
+
+    def reject(self, item: Rejected) -> None:
+        self.rejected.append(item)
+
+    def commit(self, manifest: dict) -> Path:
+        """Sort by patient and time, write every file, then swap the finished store into place."""
+        self._raw.close()
+        raw = np.memmap(self._staging / "signals.raw", dtype=np.float32, mode="r",
+                        shape=(len(self.rows), *self._shape)) if self.rows else np.zeros((0, *self._shape), np.float32)
+        table = pd.DataFrame(self.rows, columns=list(RECORD_COLUMNS))
+        order = table.sort_values(["patient_id", "recording_time", "record_id"], kind="stable").index.to_numpy()
+        signals = np.lib.format.open_memmap(self._staging / "signals.npy", mode="w+", dtype=np.float32,
+                                            shape=(len(order), *self._shape))
+        for start in range(0, len(order), 1024):  # chunked copy keeps memory flat on large sites
+            signals[start:start + 1024] = raw[order[start:start + 1024]]
+        signals.flush()
+        del signals, raw
+        (self._staging / "signals.raw").unlink()
+        table.iloc[order].to_csv(self._staging / "records.csv", index=False)
+        pd.DataFrame([dataclasses.asdict(r) for r in self.rejected], columns=["source", "reason", "message"]).to_csv(
+            self._staging / "rejected.csv", index=False)
+        (self._staging / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **manifest}, indent=2))
+        self._swap_into_place()
+        return self.out
+
+    def abort(self) -> None:
+        self._raw.close()
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    def _swap_into_place(self) -> None:
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{self._staging.name}")
+            self.out.rename(old)
+        self._staging.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old)
+
+
+class SiteStore:
+    """Read access to a prepared site store; signals are memory-mapped, not loaded."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{self.path}: not a site store (no manifest.json); run `ecgtwin prepare` first")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{self.path}: store format {self.manifest.get('format_version')}, "
+                             f"this ecgtwin reads {FORMAT_VERSION}; prepare it again")
+        self.signals = np.load(self.path / "signals.npy", mmap_mode="r")
+        self.records = pd.read_csv(self.path / "records.csv", dtype={"patient_id": str, "record_id": str},
+                                   keep_default_na=False)
+        if len(self.records) != len(self.signals):
+            raise ValueError(f"{self.path}: records.csv has {len(self.records)} rows, signals.npy {len(self.signals)}")
+        self._groups = {p: idx.to_numpy() for p, idx in self.records.groupby("patient_id", sort=True).groups.items()}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def fs(self) -> float:
+        return float(self.manifest["representation"]["fs"])
+
+    @property
+    def patients(self) -> list[str]:
+        return list(self._groups)
+
+    def records_of(self, patient_id: str) -> np.ndarray:
+        """Row indices of a patient's records, earliest first."""
+        return self._groups[patient_id]
+
+    def rejected(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "rejected.csv", keep_default_na=False)

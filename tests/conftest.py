@@ -1,0 +1,46 @@
+"""Shared fixtures: where the real PhysioNet records are, and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("ECGTWIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real PhysioNet records not found at {path} (set ECGTWIN_SHARED_DATA to their folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ptbxl_root(shared_data: Path) -> Path:
+    path = shared_data / "ptbxl"
+    if not (path / "ptbxl_database.csv").is_file():
+        pytest.skip(f"PTB-XL subset not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def challenge_root(shared_data: Path) -> Path:
+    path = shared_data / "cinc2021"
+    if not path.is_dir():
+        pytest.skip(f"Challenge 2021 records not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ptbdb_root(shared_data: Path) -> Path:
+    path = shared_data / "ptbdb"
+    if not path.is_dir():
+        pytest.skip(f"PTB Diagnostic records not found at {path}")
+    return path
