@@ -41,7 +41,7 @@ def _load(path: Path, root: Path, window_s: float) -> list:
             age=parse_age(fields.get("age")),
             sex=parse_sex(fields.get("sex")),
             report=fields.get("reason for admission", fields.get("dx", "")),
-            extra={"recording": stem, "window": str(k)},
+            extra={"recording": stem, **({"window": str(k)} if n_windows > 1 else {})},
         )
         for k in range(n_windows)
     ]

@@ -1,0 +1,1 @@
+"""The data path: readers, preprocessing, site stores, the synthetic consortium."""

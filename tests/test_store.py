@@ -1,0 +1,47 @@
+"""The site store: grouped by patient and time, atomic, safe to rebuild."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ecgtwin.data.prepare import prepare_store
+from ecgtwin.data.store import SiteStore
+
+
+def test_store_groups_records_by_patient_earliest_first(ptbxl_root, tmp_path):
+    prepare_store("ptbxl", ptbxl_root, tmp_path / "s", rate=100)
+    store = SiteStore(tmp_path / "s")
+    table = pd.read_csv(ptbxl_root / "ptbxl_database.csv")
+    assert len(store) == 400 and store.signals.shape == (400, 12, 1024)
+    assert len(store.patients) == table.patient_id.nunique()
+    for patient, group in table.groupby("patient_id"):
+        rows = store.records.iloc[store.records_of(str(int(patient)))]
+        assert sorted(rows.record_id) == sorted(f"ptbxl-{i}" for i in group.ecg_id)
+        assert list(rows.recording_time) == sorted(rows.recording_time)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["representation"]["fs"] == pytest.approx(102.4)
+    assert manifest["summary"]["patients_with_multiple_records"] == int((table.patient_id.value_counts() > 1).sum())
+
+
+def test_rerun_replaces_the_store_and_an_interrupted_run_keeps_the_old_one(ptbxl_root, tmp_path):
+    out = tmp_path / "s"
+    first = prepare_store("ptbxl", ptbxl_root, out, rate=100)
+    before = np.asarray(SiteStore(out).signals).copy()
+    again = prepare_store("ptbxl", ptbxl_root, out, rate=100)
+    assert again["records_kept"] == first["records_kept"]
+    np.testing.assert_array_equal(np.asarray(SiteStore(out).signals), before)
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a 500 Hz run rejects missing files: interrupt at the first one
+        prepare_store("ptbxl", ptbxl_root, out, rate=500, on_reject=interrupt)
+    np.testing.assert_array_equal(np.asarray(SiteStore(out).signals), before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no staging folder left behind
+
+
+def test_opening_something_that_is_not_a_store_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a site store"):
+        SiteStore(tmp_path)
