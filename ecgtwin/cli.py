@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ecgtwin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in (_add_synth, _add_prepare):
+    for register in (_add_synth, _add_prepare, _add_demo):
         register(sub)
     return parser
 
@@ -113,6 +113,36 @@ def _run_prepare(args: argparse.Namespace) -> dict:
     on_reject: Callable | None = (lambda item: None) if args.quiet_rejects else None
     return prepare_store(args.source, args.root, args.out, config=config, workers=args.workers,
                          progress=not args.no_progress, on_reject=on_reject, **options)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the embedded default end to end on the built-in synthetic consortium",
+        description="Synthesize a small consortium, prepare each site's store, and write a report with "
+        "figures to --out (what `make demo` runs).",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
+    p.add_argument("--sites", type=int, default=3, help="hospitals in the consortium (default 3)")
+    p.add_argument("--patients-per-site", type=int, default=20, help="patients per hospital (default 20)")
+    p.add_argument("--records-per-patient", type=int, default=3, help="recordings per patient (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _common(p)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> dict:
+    from ecgtwin.demo import DemoConfig, run_demo
+
+    config = DemoConfig(sites=args.sites, patients_per_site=args.patients_per_site,
+                        records_per_patient=args.records_per_patient, seed=args.seed)
+    report = run_demo(args.out, config, progress=not args.no_progress)
+    if args.json:
+        return report
+    rows = {site: f"{s['records_kept']} kept / {s['records_read']} read, {s['patients']} patients "
+                  f"({s['patients_with_multiple_records']} with several ECGs), rejected {s['rejected_total']}"
+            for site, s in report["stores"].items()}
+    return {**rows, "report": str(Path(args.out) / "report.json"), "figures": str(Path(args.out) / "figures")}
 
 
 def emit(summary: dict, as_json: bool) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): throughput and memory targets live here, never in timed tests."""
