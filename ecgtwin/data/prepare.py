@@ -18,6 +18,7 @@ from ecgtwin.data import readers
 from ecgtwin.data.preprocess import PreprocessConfig, preprocess
 from ecgtwin.data.record import LEADS, Record, RecordError, Rejected
 from ecgtwin.data.store import StoreWriter, record_row
+from ecgtwin.signal import heart_rate
 
 Kept = tuple[dict, np.ndarray, bool]  # store row, signal, was cropped
 
@@ -76,7 +77,10 @@ def process_task(task: readers.LoadTask, config: PreprocessConfig) -> list[Kept 
         except RecordError as error:
             out.append(Rejected(_name(item), error.reason, str(error)))
             continue
-        out.append((record_row(item), signal, cropped))
+        row = record_row(item)
+        # Measured at the source rate, before resampling: the conditioning HR for sources that state none.
+        row["hr_measured"] = round(heart_rate(item.signal[:, : int(config.duration_s * item.fs)], item.fs), 2)
+        out.append((row, signal, cropped))
     return out
 
 

@@ -23,7 +23,7 @@ from ecgtwin.data.record import LEADS, Record, Rejected
 FORMAT_VERSION = 1
 RECORD_COLUMNS = (
     "record_id", "patient_id", "recording_time", "age", "sex", "report", "labels",
-    "site", "fold", "hr", "source", "extra",
+    "site", "fold", "hr", "hr_measured", "source", "extra",
 )
 
 
