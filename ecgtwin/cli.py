@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ecgtwin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in (_add_synth, _add_prepare, _add_demo):
+    for register in (_add_synth, _add_prepare, _add_train, _add_generate, _add_cohort, _add_demo):
         register(sub)
     return parser
 
@@ -113,6 +113,120 @@ def _run_prepare(args: argparse.Namespace) -> dict:
     on_reject: Callable | None = (lambda item: None) if args.quiet_rejects else None
     return prepare_store(args.source, args.root, args.out, config=config, workers=args.workers,
                          progress=not args.no_progress, on_reject=on_reject, **options)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one stage (vae, ibe, twin) on one site's store, non-private",
+        description="Train a stage into a checkpoint folder: weights as safetensors, the config, loss curves "
+        "(JSONL + PNG). Stages build on each other: vae first, then ibe (needs the VAE), then twin (needs both). "
+        "Rerunning after an interruption resumes from the last checkpoint.",
+    )
+    p.add_argument("--config", required=True, type=Path, help="experiment YAML (e.g. configs/demo.yaml)")
+    p.add_argument("--stage", required=True, choices=["vae", "ibe", "twin"], help="which model to train")
+    p.add_argument("--store", required=True, type=Path, help="site store from `ecgtwin prepare`")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder (shared by the three stages)")
+    p.add_argument("--steps", type=int, help="override the stage's number of optimiser steps")
+    _common(p)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> dict:
+    from ecgtwin.config import load_config
+    from ecgtwin.train.runner import train_stage
+
+    config = load_config(args.config)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError("--steps must be at least 1")
+        getattr(config, args.stage).steps = args.steps
+    return train_stage(args.stage, config, args.store, args.out, progress=not args.no_progress)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate digital twins of the person in a reference ECG under a target condition",
+        description="Read a reference record (any WFDB record the readers understand), take the person from it "
+        "and generate N twins showing the target report and patient information. Writes WFDB records and a PNG "
+        "on ECG paper (25 mm/s, 10 mm/mV) with the reference beside the twins.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder with vae, ibe and twin weights")
+    p.add_argument("--reference", required=True, type=Path, help="reference WFDB record (path without or with .hea)")
+    p.add_argument("--reference-report", help="the reference's own report (default: its header's Report/Dx line)")
+    p.add_argument("--report", help="target report; default: the reference's report with the edits below")
+    p.add_argument("--add-statement", action="append", default=[], metavar="TEXT",
+                   help="condition editing: add a statement to the reference's report (repeatable)")
+    p.add_argument("--swap-statement", action="append", default=[], metavar="OLD=NEW",
+                   help="condition editing: replace one of the reference's statements (repeatable)")
+    p.add_argument("--remove-statement", action="append", default=[], metavar="TEXT",
+                   help="condition editing: drop one of the reference's statements (repeatable)")
+    p.add_argument("--hr", type=float, help="target heart rate in bpm (default: the reference's measured HR)")
+    p.add_argument("--age", type=float, help="target age in years (default: the reference's)")
+    p.add_argument("--sex", choices=["F", "M"], help="target sex (default: the reference's)")
+    p.add_argument("-n", "--num", type=int, default=4, help="number of twins (default 4)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="sampler (default: the config's, dpm++)")
+    p.add_argument("--steps", type=int, help="sampling steps for ddim/dpm++ (default: the config's, 25)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition (1 = none)")
+    p.add_argument("--person-guidance", type=float, help="classifier-free guidance scale for the person (1 = none)")
+    p.add_argument("--out-fs", type=float, help="sampling rate of the written twins (default 500 Hz)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same twins")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    _common(p)
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> dict:
+    from ecgtwin.twin import Condition, TwinGenerator, edit_report, read_reference, write_twins
+
+    if args.num < 1:
+        raise ValueError("-n must be at least 1")
+    generator = TwinGenerator(args.checkpoint)
+    reference = read_reference(args.reference, generator.preprocess, args.reference_report)
+    ref = reference.condition
+    report = args.report if args.report is not None else edit_report(
+        ref.report, args.add_statement, args.swap_statement, args.remove_statement)
+    target = Condition(report, args.hr if args.hr is not None else ref.hr,
+                       args.age if args.age is not None else ref.age, args.sex or ref.sex).validate()
+    twins = generator.generate(reference, target, n=args.num, sampler=args.sampler, steps=args.steps,
+                               guidance_condition=args.guidance, guidance_person=args.person_guidance,
+                               seed=args.seed, progress=not args.no_progress)
+    settings = generator.config.generate
+    notes = [f"Sampler: {args.sampler or settings.sampler}, {args.steps or settings.steps} steps, seed {args.seed}"]
+    rows = write_twins(args.out, twins, generator.preprocess.fs, reference, target,
+                       out_fs=args.out_fs or settings.out_fs, notes=notes)
+    return {"reference": str(args.reference), "reference_report": ref.report, "target_report": target.report,
+            "hr_requested": target.hr, "twins": rows, "picture": str(args.out / "twin.png")}
+
+
+def _add_cohort(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cohort",
+        help="batch mode: twins of many patients of a site store under many target conditions",
+        description="For each chosen patient of the store (its earliest ECG is the reference) and each target "
+        "report, generate N twins. Writes OUT/<patient>/*.hea/.dat, a picture per patient and OUT/cohort.csv.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder with vae, ibe and twin weights")
+    p.add_argument("--store", required=True, type=Path, help="the site store holding the reference ECGs")
+    p.add_argument("--report", action="append", required=True, metavar="TEXT",
+                   help="a target report (repeatable: one cohort arm per report)")
+    p.add_argument("--patients", type=int, default=10, help="how many patients (default 10; the first by id)")
+    p.add_argument("-n", "--num", type=int, default=2, help="twins per patient and report (default 2)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    _common(p)
+    p.set_defaults(run=_run_cohort)
+
+
+def _run_cohort(args: argparse.Namespace) -> dict:
+    from ecgtwin.twin import generate_cohort
+
+    return generate_cohort(args.checkpoint, args.store, args.report, args.out, patients=args.patients,
+                           n=args.num, steps=args.steps, guidance_condition=args.guidance, seed=args.seed,
+                           progress=not args.no_progress)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -66,3 +66,29 @@ def _grid(ax: plt.Axes, width: float, height: float) -> None:
         ax.axvline(x, color="#f4c6c6" if x % 5 else "#e08a8a", lw=0.3 if x % 5 else 0.6, zorder=0)
     for y in np.arange(0, height + 0.01, 1.0):
         ax.axhline(y, color="#f4c6c6" if y % 5 else "#e08a8a", lw=0.3 if y % 5 else 0.6, zorder=0)
+
+
+def plot_loss_curve(jsonl: str | Path, png: str | Path, title: str = "") -> Path | None:
+    """Training loss against step from a loss JSONL file (log scale when the loss stays positive)."""
+    import json
+
+    path = Path(jsonl)
+    if not path.is_file():
+        return None
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        return None
+    steps = [e["step"] for e in entries]
+    losses = [e["loss"] for e in entries]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=1.2)
+    if min(losses) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return Path(png)

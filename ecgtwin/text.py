@@ -95,6 +95,9 @@ class StatementEncoder:
         if self._model is None:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub from a hospital machine
             from sentence_transformers import SentenceTransformer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar in our progress output
 
             self._model = SentenceTransformer(str(self.path), device=self._device, local_files_only=True)
         return self._model

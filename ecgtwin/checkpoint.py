@@ -1,0 +1,93 @@
+"""A checkpoint folder: weights as safetensors, the experiment config, the conditioning statistics,
+and per-stage training state for resuming. Every file is written atomically (temp file + rename), so an
+interrupted run leaves the previous version of each file intact.
+
+    DIR/config.yaml            the experiment configuration the weights belong to
+    DIR/conditioning.json      patient-info normalisation and text encoder
+    DIR/{vae,ibe,twin}.safetensors
+    DIR/{stage}_state.pt       optimizer, step and random states of an unfinished or finished stage
+    DIR/{stage}_loss.jsonl, DIR/{stage}_loss.png
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ecgtwin.config import ExperimentConfig, load_config, save_config
+
+STAGES = ("vae", "ibe", "twin")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+class Checkpoint:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def weights_path(self, stage: str) -> Path:
+        return self.path / f"{stage}.safetensors"
+
+    def has(self, stage: str) -> bool:
+        return self.weights_path(stage).is_file()
+
+    def require(self, *stages: str) -> None:
+        missing = [s for s in stages if not self.has(s)]
+        if missing:
+            raise FileNotFoundError(f"{self.path}: checkpoint has no {', '.join(missing)} weights "
+                                    f"(train them first: ecgtwin train --stage {missing[0]} ...)")
+
+    def save_weights(self, stage: str, module: nn.Module) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{stage}.", suffix=".safetensors")
+        os.close(fd)
+        save_file(state, tmp)
+        os.replace(tmp, self.weights_path(stage))
+
+    def load_weights(self, stage: str, module: nn.Module) -> nn.Module:
+        self.require(stage)
+        module.load_state_dict(load_file(str(self.weights_path(stage))))
+        return module
+
+    def save_state(self, stage: str, state: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.path / f"{stage}_state.pt", buffer.getvalue())
+
+    def load_state(self, stage: str) -> dict | None:
+        path = self.path / f"{stage}_state.pt"
+        return torch.load(path, weights_only=False) if path.is_file() else None
+
+    def save_config(self, config: ExperimentConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        buffer = self.path / ".config.yaml.tmp"
+        save_config(config, buffer)
+        os.replace(buffer, self.path / "config.yaml")
+
+    def config(self) -> ExperimentConfig:
+        path = self.path / "config.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.path}: not a checkpoint (no config.yaml)")
+        return load_config(path)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write(self.path / name, text.encode())
+
+    def read_text(self, name: str) -> str:
+        path = self.path / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing from the checkpoint")
+        return path.read_text()

@@ -1,0 +1,163 @@
+"""One configuration schema for experiments, loaded from YAML and validated with clear errors.
+
+The schema is a tree of small dataclasses (nanoGPT style). Unknown keys, wrong types and values out of
+range are errors that name the file and the key, e.g. `configs/demo.yaml: twin.lr: must be > 0, got -1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ecgtwin.models import ModelConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the key."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    n_samples: int = 1024
+    duration_s: float = 10.0
+    held_out_fraction: float = 0.1  # patients kept out of training, for the tests of generalisation
+
+
+@dataclasses.dataclass
+class TextConfig:
+    encoder: str = "bundled:all-MiniLM-L6-v2"  # or a local sentence-transformers model folder
+    max_statements: int = 8  # condition tokens per record
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """One training stage's local pass (the same knobs for VAE, IBE and twin stages)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    seed: int = 0
+    # VAE: KL weight ramp
+    kl_max: float = 1e-4
+    kl_ramp_steps: int = 500
+    # IBE: InfoNCE temperature
+    temperature: float = 0.1
+    # twin: classifier-free guidance dropout and noise draws per record
+    cond_dropout: float = 0.1
+    base_dropout: float = 0.1
+    noise_draws: int = 1
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    sampler: str = "dpm++"  # ddpm (all 1000 steps) | ddim | dpm++ (DPM-Solver++ 2M)
+    steps: int = 25
+    guidance_condition: float = 1.0
+    guidance_person: float = 1.0
+    out_fs: float = 500.0
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    vae: StageConfig = dataclasses.field(default_factory=StageConfig)
+    ibe: StageConfig = dataclasses.field(default_factory=StageConfig)
+    twin: StageConfig = dataclasses.field(default_factory=StageConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+
+
+_POSITIVE = {"n_samples", "duration_s", "steps", "batch_size", "lr", "log_every", "checkpoint_every",
+             "temperature", "noise_draws", "max_statements", "out_fs"}
+_FRACTIONS = {"held_out_fraction", "cond_dropout", "base_dropout"}
+_CHOICES = {"sampler": {"ddpm", "ddim", "dpm++"}, "injector": {"adax", "adaln", "cross"}}
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return from_dict(ExperimentConfig, data, str(path))
+
+
+def to_dict(config: Any) -> dict:
+    """Plain data for YAML (tuples become lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(config))
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_dict(cls: type[T], data: Any, where: str, prefix: str = "") -> T:
+    """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: {prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    values = {name: _convert(hints[name], value, where, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:  # a dataclass's own cross-field check
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'}: {exc}") from exc
+
+
+def _convert(kind: Any, value: Any, where: str, key: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, where, key + ".")
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None:
+            return None
+        kind = options[0]
+        origin = typing.get_origin(kind)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}: expected a list, got {value!r}")
+        inner = typing.get_args(kind)[0] if typing.get_args(kind) else Any
+        items = [_convert(inner, v, where, key) for v in value]
+        return tuple(items) if origin is tuple else items
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind in (int, float, str, bool) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {key}: expected {kind.__name__}, got {value!r}")
+    _check_range(key.rsplit(".", 1)[-1], value, where, key)
+    return value
+
+
+def _check_range(name: str, value: Any, where: str, key: str) -> None:
+    if name in _POSITIVE and not value > 0:
+        raise ConfigError(f"{where}: {key}: must be > 0, got {value}")
+    if name in _FRACTIONS and not 0 <= value < 1:
+        raise ConfigError(f"{where}: {key}: must be in [0, 1), got {value}")
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ConfigError(f"{where}: {key}: must be one of {', '.join(sorted(_CHOICES[name]))}, got {value!r}")

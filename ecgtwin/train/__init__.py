@@ -1,0 +1,1 @@
+"""Training: one local pass of each stage (VAE, IBE, twin), checkpoints, logs."""

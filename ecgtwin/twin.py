@@ -1,0 +1,230 @@
+"""Reference ECG + target condition -> digital twins (ECGTwin's inference), written as WFDB + pictures.
+
+The reference is encoded by the frozen VAE, the IBE strips its own condition and keeps the person
+(the base vector), and the AdaX denoiser generates latents for the target condition, decoded by the VAE.
+Everything happens at the site that holds the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import signal as sps
+
+from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.conditioning import SEX_CODE
+from ecgtwin.data.preprocess import PreprocessConfig, preprocess
+from ecgtwin.data.readers.common import load_12_lead
+from ecgtwin.data.record import Record, RecordError, parse_age, parse_sex
+from ecgtwin.data.wfdb_io import header_fields, write_wfdb
+from ecgtwin.models import LATENT_SCALE, ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor
+from ecgtwin.models import guided_model_fn
+from ecgtwin.plot import plot_ecg_paper
+from ecgtwin.signal import heart_rate
+from ecgtwin.text import split_statements
+from ecgtwin.train.runner import load_conditioner
+
+HR_RANGE = (20.0, 300.0)
+AGE_RANGE = (0.0, 120.0)
+
+
+@dataclasses.dataclass
+class Condition:
+    """What a record shows or a twin should show: report text and patient information."""
+
+    report: str
+    hr: float | None = None
+    age: float | None = None
+    sex: str | None = None
+
+    def validate(self) -> "Condition":
+        if self.hr is not None and not HR_RANGE[0] <= self.hr <= HR_RANGE[1]:
+            raise ValueError(f"HR {self.hr:g} bpm is not a plausible heart rate ({HR_RANGE[0]:g}-{HR_RANGE[1]:g} bpm)")
+        if self.age is not None and not AGE_RANGE[0] <= self.age <= AGE_RANGE[1]:
+            raise ValueError(f"age {self.age:g} is not plausible ({AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} years)")
+        if self.sex is not None and self.sex not in SEX_CODE:
+            raise ValueError(f"sex must be F or M, got {self.sex!r}")
+        return self
+
+
+@dataclasses.dataclass
+class Reference:
+    """A reference ECG in the model representation with the condition it shows."""
+
+    signal: np.ndarray  # (12, n_samples) mV at the model rate
+    fs: float
+    condition: Condition
+    source: str
+    original: np.ndarray | None = None  # (12, n) as recorded, for the pictures
+    original_fs: float | None = None
+
+
+def edit_report(report: str, add: list[str] = (), swap: list[str] = (), remove: list[str] = ()) -> str:
+    """Condition editing: the reference's statements with some added, swapped ('old=new') or removed."""
+    statements = split_statements(report)
+    lowered = [s.lower() for s in statements]
+    for rule in swap:
+        old, sep, new = rule.partition("=")
+        if not sep or old.strip().lower() not in lowered:
+            raise ValueError(f"cannot swap {rule!r}: write OLD=NEW with OLD one of the reference's statements "
+                             f"({'; '.join(statements) or 'none'})")
+        statements[lowered.index(old.strip().lower())] = new.strip()
+    for statement in remove:
+        if statement.strip().lower() not in [s.lower() for s in statements]:
+            raise ValueError(f"cannot remove {statement!r}: not in the reference's report")
+        statements = [s for s in statements if s.lower() != statement.strip().lower()]
+    statements += [a.strip() for a in add if a.strip()]
+    return ". ".join(statements)
+
+
+def read_reference(path: str | Path, preprocess_config: PreprocessConfig, report: str | None = None) -> Reference:
+    """Any WFDB record the readers understand (PTB-XL, Challenge .mat, MIMIC-IV-ECG, synthetic, plain)."""
+    try:
+        rec = load_12_lead(Path(path))
+    except RecordError as error:
+        raise ValueError(f"{path}: cannot use as reference: {error.reason}: {error}") from error
+    fields = header_fields(rec.comments)
+    record = Record(record_id=Path(path).name, signal=rec.signal, fs=rec.fs, patient_id="reference", source=str(path))
+    try:
+        signal, _ = preprocess(record, preprocess_config)
+    except RecordError as error:
+        raise ValueError(f"{path}: cannot use as reference: {error.reason}: {error}") from error
+    window = rec.signal[:, : int(preprocess_config.duration_s * rec.fs)]
+    condition = Condition(report=report if report is not None else fields.get("report", fields.get("dx", "")),
+                          hr=heart_rate(window, rec.fs), age=parse_age(fields.get("age")),
+                          sex=parse_sex(fields.get("sex")))
+    if condition.hr is not None and not np.isfinite(condition.hr):
+        condition.hr = None
+    return Reference(signal, preprocess_config.fs, condition, str(path), window, rec.fs)
+
+
+class TwinGenerator:
+    """The three trained models of a checkpoint, ready to generate twins."""
+
+    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu") -> None:
+        self.checkpoint = Checkpoint(checkpoint_dir)
+        if not self.checkpoint.path.is_dir():
+            raise FileNotFoundError(f"{self.checkpoint.path}: checkpoint folder does not exist")
+        self.checkpoint.require("vae", "ibe", "twin")
+        self.config = self.checkpoint.config()
+        model = self.config.model
+        self.device = torch.device(device)
+        self.vae = self._frozen(self.checkpoint.load_weights("vae", ECGVAE(model.vae)))
+        self.ibe = self._frozen(self.checkpoint.load_weights("ibe", IndividualBaseExtractor(model.ibe)))
+        self.denoiser = self._frozen(self.checkpoint.load_weights("twin", AdaXDenoiser(model.dit)))
+        self.diffusion = GaussianDiffusion(model.diffusion)
+        self.conditioner = load_conditioner(self.config, self.checkpoint)
+        self.preprocess = PreprocessConfig(n_samples=self.config.data.n_samples, duration_s=self.config.data.duration_s)
+
+    def _frozen(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(self.device).eval().requires_grad_(False)
+
+    def _tokens(self, condition: Condition, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        age = np.nan if condition.age is None else condition.age
+        hr = np.nan if condition.hr is None else condition.hr
+        built = self.conditioner.build([condition.report] * n, np.full(n, hr), np.full(n, age), [condition.sex] * n)
+        tokens, mask = built.tokens()
+        return tokens.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def base_vector(self, reference: Reference) -> torch.Tensor:
+        """The person: the IBE's base vector of the reference ECG, its own condition subtracted."""
+        x = torch.tensor(np.array(reference.signal[None]), dtype=torch.float32, device=self.device)
+        latent = self.vae.encode(x)[0] * LATENT_SCALE
+        return self.ibe(latent, *self._tokens(reference.condition, 1))
+
+    @torch.no_grad()
+    def generate(self, reference: Reference, target: Condition, n: int = 1, sampler: str | None = None,
+                 steps: int | None = None, guidance_condition: float | None = None,
+                 guidance_person: float | None = None, seed: int = 0, progress: bool = False) -> np.ndarray:
+        """n twins of the reference's person under `target`: (n, 12, n_samples) mV at the model rate."""
+        target.validate()
+        settings = self.config.generate
+        base = self.base_vector(reference).expand(n, -1)
+        tokens, mask = self._tokens(target, n)
+        model_fn = guided_model_fn(self.denoiser, base, tokens, mask,
+                                   settings.guidance_person if guidance_person is None else guidance_person,
+                                   settings.guidance_condition if guidance_condition is None else guidance_condition)
+        shape = (n, self.config.model.dit.latent_channels, self.config.model.dit.n_tokens)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        latents = self.diffusion.sample(model_fn, shape, sampler=sampler or settings.sampler,
+                                        steps=steps or settings.steps, generator=generator, device=self.device,
+                                        progress=progress)
+        return self.vae.decode(latents / LATENT_SCALE).cpu().numpy()
+
+
+def to_rate(signals: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
+    """Resample (n, 12, L) twins from the model rate to an output rate over the same duration."""
+    n_out = int(round(signals.shape[-1] * fs_out / fs_in))
+    return sps.resample_poly(signals, n_out, signals.shape[-1], axis=-1)
+
+
+def write_twins(out: str | Path, twins: np.ndarray, fs_model: float, reference: Reference, target: Condition,
+                out_fs: float = 500.0, prefix: str = "twin", notes: list[str] = ()) -> list[dict]:
+    """Write twins as WFDB records at `out_fs` (mV, standard lead names, the condition in the header)
+    and a PNG on ECG paper with the reference beside the first twins. Returns one row per twin."""
+    out = Path(out)
+    resampled = to_rate(twins, fs_model, out_fs)
+    rows = []
+    for i, twin in enumerate(resampled):
+        name = f"{prefix}_{i:03d}"
+        comments = [f"Report: {target.report}", f"Twin of: {reference.source}",
+                    *(f"{key}: {value}" for key, value in (("HR", target.hr), ("Age", target.age), ("Sex", target.sex))
+                      if value is not None), *notes]
+        write_wfdb(out, name, twin, out_fs, comments)
+        rows.append({"record": name, "report": target.report, "hr_requested": target.hr,
+                     "hr_measured": round(heart_rate(twin, out_fs), 1)})
+    panels = [(f"reference: {reference.condition.report[:60]}", reference.original, reference.original_fs)]
+    panels += [(f"{prefix}_{i:03d}: {target.report[:60]}", resampled[i], out_fs) for i in range(min(3, len(resampled)))]
+    plot_ecg_paper(panels, out / f"{prefix}.png")
+    return rows
+
+
+def generate_cohort(checkpoint_dir: str | Path, store_path: str | Path, reports: list[str], out: str | Path,
+                    patients: int = 10, n: int = 2, steps: int | None = None,
+                    guidance_condition: float | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Twins of the first `patients` patients of a store (earliest ECG as reference) under each report."""
+    import sys
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from ecgtwin.conditioning import conditioning_hr, report_text
+    from ecgtwin.data.store import SiteStore
+
+    generator = TwinGenerator(checkpoint_dir)
+    store = SiteStore(store_path)
+    out = Path(out)
+    rows = []
+    chosen = store.patients[:patients]
+    bar = tqdm(total=len(chosen) * len(reports), desc="cohort", unit="arm", disable=not progress, file=sys.stderr)
+    for p_index, patient in enumerate(chosen):
+        row_index = int(store.records_of(patient)[0])
+        row = store.records.iloc[row_index]
+        hr = float(conditioning_hr(store.records.iloc[[row_index]])[0])
+        age = pd.to_numeric(pd.Series([row["age"]]), errors="coerce").iloc[0]
+        own = Condition(report_text(row), None if np.isnan(hr) else hr,
+                        None if pd.isna(age) else float(age), row["sex"] or None)
+        reference = Reference(np.asarray(store.signals[row_index]), store.fs, own, row["record_id"],
+                              np.asarray(store.signals[row_index]), store.fs)
+        for r_index, report in enumerate(reports):
+            target = Condition(report, own.hr, own.age, own.sex)
+            twins = generator.generate(reference, target, n=n, steps=steps, guidance_condition=guidance_condition,
+                                       seed=seed + 1000 * p_index + r_index)
+            written = write_twins(out / _safe(patient), twins, generator.preprocess.fs, reference, target,
+                                  out_fs=generator.config.generate.out_fs, prefix=f"arm{r_index}")
+            rows += [{"patient_id": patient, "reference": row["record_id"], **w} for w in written]
+            bar.update(1)
+    bar.close()
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "cohort.csv", index=False)
+    return {"out": str(out), "patients": len(chosen), "reports": len(reports), "twins": len(table),
+            "hr_mae_bpm": round(float((table.hr_measured - table.hr_requested).abs().mean()), 2) if len(table) else None}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
