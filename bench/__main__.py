@@ -7,9 +7,9 @@ import json
 import platform
 from pathlib import Path
 
-from bench import data_path
+from bench import data_path, generation, training
 
-BENCHES = {"data": data_path.run}
+BENCHES = {"data": data_path.run, "training": training.run, "generation": generation.run}
 
 
 def main() -> None:

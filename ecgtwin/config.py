@@ -117,7 +117,7 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
 def from_dict(cls: type[T], data: Any, where: str, prefix: str = "") -> T:
     """Build dataclass `cls` from plain data, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix or 'top level'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -50,6 +50,7 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
     rows = stage_data.training_rows(store, config.data.held_out_fraction, settings.seed)
     if len(rows) == 0:
         raise ValueError(f"{store.path}: no training records (all patients held out?)")
+    torch.manual_seed(settings.seed)  # initial weights and the VAE's reparameterisation noise
     built = _BUILDERS[stage](config, store, rows, checkpoint)
     optimizer = torch.optim.AdamW(built.module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     rng, generator, start = np.random.default_rng(settings.seed), torch.Generator().manual_seed(settings.seed), 0
@@ -59,6 +60,7 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state, start = state["numpy_rng"], state["step"]
         generator.set_state(state["torch_rng"])
+        torch.set_rng_state(state["global_torch_rng"])
     log = checkpoint.path / f"{stage}_loss.jsonl"
     _truncate_log(log, start)
     started = time.perf_counter()
@@ -94,7 +96,8 @@ def _save(checkpoint: Checkpoint, stage: str, module: torch.nn.Module, optimizer
           rng: np.random.Generator, generator: torch.Generator, step: int) -> None:
     checkpoint.save_weights(stage, module)
     checkpoint.save_state(stage, {"step": step, "optimizer": optimizer.state_dict(),
-                                  "numpy_rng": rng.bit_generator.state, "torch_rng": generator.get_state()})
+                                  "numpy_rng": rng.bit_generator.state, "torch_rng": generator.get_state(),
+                                  "global_torch_rng": torch.get_rng_state()})
 
 
 def _truncate_log(log: Path, step: int) -> None:

@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from ecgtwin.config import ConfigError, ExperimentConfig, load_config, save_config, to_dict
+from ecgtwin.models import paper_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_shipped_configs_load_and_round_trip(tmp_path):
+    for name in ("demo", "paper"):
+        config = load_config(CONFIGS / f"{name}.yaml")
+        save_config(config, tmp_path / "again.yaml")
+        assert load_config(tmp_path / "again.yaml") == config
+    assert to_dict(load_config(CONFIGS / "paper.yaml").model) == to_dict(paper_config())
+
+
+@pytest.mark.parametrize("text,message", [
+    ("vae:\n  stepz: 3\n", "vae.stepz: unknown key"),
+    ("vae:\n  steps: many\n", "vae.steps: expected int, got 'many'"),
+    ("twin:\n  lr: -1\n", "twin.lr: must be > 0"),
+    ("twin:\n  cond_dropout: 1.5\n", "twin.cond_dropout: must be in [0, 1)"),
+    ("generate:\n  sampler: euler\n", "generate.sampler: must be one of"),
+    ("model:\n  dit:\n    injector: film\n", "model.dit.injector: must be one of"),
+    ("model:\n  ibe:\n    base_dim: 32\n", "model: IBE base vector"),
+    ("vae: [1, 2]\n", "vae: expected a mapping"),
+    ("vae: {steps: 3\n", "not valid YAML"),
+])
+def test_bad_configs_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_defaults_are_the_paper_sizes():
+    assert to_dict(ExperimentConfig().model) == to_dict(paper_config())
