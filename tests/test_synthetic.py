@@ -58,33 +58,37 @@ def spatial_velocity(beat: np.ndarray) -> np.ndarray:
 class Beats:
     """Beats cut around detected peaks and aligned to each other by cross-correlation of the QRS."""
 
-    segments: np.ndarray  # (beats, 12, samples)
-    smooth_segments: np.ndarray  # the same beats from a smoother copy of the signal (for single-beat delineation)
+    bands: dict[str, np.ndarray]  # band name -> (beats, 12, samples), all cut at the same aligned starts
     typical: np.ndarray  # bool per beat: QRS correlates > 0.9 with the record's median QRS
-    rr_before_s: np.ndarray  # RR interval before each beat (nan for the first)
+    rr_before_s: np.ndarray  # RR interval before each beat (nan for the first detected one)
+    rr_after_s: np.ndarray  # RR interval after each beat (nan for the last detected one)
     fiducial: int  # sample index of the detected peak within a segment
 
 
-def cut_beats(
-    signal: np.ndarray, peaks: np.ndarray, smooth: np.ndarray | None = None, before_s: float = 0.6, after_s: float = 0.6
-) -> Beats:
-    before, after, search = int(before_s * FS), int(after_s * FS), int(0.05 * FS)
-    rr = np.concatenate([[np.nan], np.diff(peaks) / FS])
+def cut_beats(bands: dict[str, np.ndarray], peaks: np.ndarray, before_s: float = 0.6, after_s: float = 0.6) -> Beats:
+    """Cut every band at the same starts, aligned on the first band."""
+    signal = next(iter(bands.values()))
+    before, after, search = int(before_s * FS), int(after_s * FS), int(0.1 * FS)
+    rr = np.diff(peaks) / FS
+    rr_before, rr_after = np.concatenate([[np.nan], rr]), np.concatenate([rr, [np.nan]])
     keep = (peaks - before - search >= 0) & (peaks + after + search < signal.shape[1])
-    peaks, rr = peaks[keep], rr[keep]
+    peaks, rr_before, rr_after = peaks[keep], rr_before[keep], rr_after[keep]
     first = np.stack([signal[:, p - before : p + after] for p in peaks])
     qrs = slice(before - int(0.1 * FS), before + int(0.1 * FS))
-    template = np.median(first, axis=0)[:, qrs]
-    smooth = signal if smooth is None else smooth
+    # Align every beat to one real beat, the one most like the others (a median-similarity medoid,
+    # so PVCs are never chosen): a median template of misaligned beats could hold a doubled QRS.
+    similarity = np.corrcoef(first[:, :, qrs].reshape(len(peaks), -1))
+    reference = first[int(np.argmax(np.median(similarity, axis=1))), :, qrs]
     starts = []
     for p in peaks:
         shifts = range(-search, search + 1)
-        scores = [np.sum(signal[:, p - before + d : p + after + d][:, qrs] * template) for d in shifts]
+        scores = [np.sum(signal[:, p - before + d : p + after + d][:, qrs] * reference) for d in shifts]
         starts.append(p - before + shifts[int(np.argmax(scores))])
-    segments = np.stack([signal[:, s : s + before + after] for s in starts])
-    smooth_segments = np.stack([smooth[:, s : s + before + after] for s in starts])
-    corr = np.array([np.corrcoef(s[:, qrs].ravel(), template.ravel())[0, 1] for s in segments])
-    return Beats(segments, smooth_segments, corr > 0.9, rr, before)
+    cut = {name: np.stack([x[:, s : s + before + after] for s in starts]) for name, x in bands.items()}
+    aligned = next(iter(cut.values()))
+    template = np.median(aligned[:, :, qrs], axis=0)
+    corr = np.array([np.corrcoef(s[:, qrs].ravel(), template.ravel())[0, 1] for s in aligned])
+    return Beats(cut, corr > 0.9, rr_before, rr_after, before)
 
 
 def quiet_from(low: np.ndarray, start: int, step: int, run: int, limit: int) -> int | None:
@@ -113,6 +117,8 @@ def p_onset(beat_low: np.ndarray, qrs_onset: int, fraction: float = 0.2) -> int 
     slope stays below `fraction` of it for 10 ms (None if not within 400 ms of QRS onset)."""
     sv = spatial_velocity(beat_low)
     lo, hi = qrs_onset - int(0.32 * FS), qrs_onset - int(0.05 * FS)
+    if lo < 0:
+        return None
     steepest = lo + int(np.argmax(sv[lo:hi]))
     return quiet_from(sv < fraction * sv[steepest], steepest, -1, int(0.01 * FS), qrs_onset - int(0.4 * FS))
 
@@ -146,10 +152,11 @@ def early_wide_beats(beats: Beats, wide_ms: float = 120.0) -> list[tuple[float, 
     normal_rr = float(np.nanmedian(beats.rr_before_s[1:][normal_pairs]))
     found = []
     for i in np.flatnonzero(~beats.typical):
-        if 0 < i < len(beats.typical) - 1 and beats.rr_before_s[i] < 0.85 * normal_rr:
-            bounds = qrs_bounds(beats.smooth_segments[i], beats.fiducial)
+        before, after = beats.rr_before_s[i], beats.rr_after_s[i]
+        if np.isfinite(before) and np.isfinite(after) and before < 0.85 * normal_rr:
+            bounds = qrs_bounds(beats.bands["smooth"][i], beats.fiducial)
             if bounds is not None and (bounds[1] - bounds[0]) / FS * 1000.0 > wide_ms:
-                found.append((float(beats.rr_before_s[i]), float(beats.rr_before_s[i + 1]), normal_rr))
+                found.append((float(before), float(after), normal_rr))
     return found
 
 
@@ -175,11 +182,11 @@ class Measurement:
 def measure(signal: np.ndarray) -> dict:
     peaks = xqrs_peaks(detection_signal(signal))
     rr = np.diff(peaks) / FS
-    beats = cut_beats(bandpass(signal, 0.5, 40.0), peaks, bandpass(signal, 0.5, 25.0))
-    beats_low = cut_beats(bandpass(signal, 0.5, 15.0), peaks)
+    bands = {name: bandpass(signal, 0.5, high) for name, high in (("wide", 40.0), ("smooth", 25.0), ("low", 15.0))}
+    beats = cut_beats(bands, peaks)
     typical = beats.typical if beats.typical.sum() >= 3 else np.ones_like(beats.typical)
-    median = np.median(beats.segments[typical], axis=0)
-    median_low = np.median(beats_low.segments[typical], axis=0)
+    median = np.median(beats.bands["wide"][typical], axis=0)
+    median_low = np.median(beats.bands["low"][typical], axis=0)
     bounds = qrs_bounds(median, beats.fiducial)
     assert bounds is not None, "the median beat has no quiet surroundings"
     onset, offset = bounds
@@ -188,7 +195,7 @@ def measure(signal: np.ndarray) -> dict:
     clear = typical & (np.nan_to_num(beats.rr_before_s) >= 0.65)
     deflection = None
     if clear.sum() >= 3:
-        deflection = p_deflection(np.median(beats_low.segments[clear], axis=0)[LEADS.index("II")], onset)
+        deflection = p_deflection(np.median(beats.bands["low"][clear], axis=0)[LEADS.index("II")], onset)
     sokolow, voltage_sum = qrs_voltages(median, onset, offset)
     return dict(
         hr=float(60.0 / rr.mean()),

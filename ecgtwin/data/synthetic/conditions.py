@@ -154,7 +154,7 @@ def beat_waves(plan: ConditionPlan, traits: HeartTraits, rng: np.random.Generato
     return BeatWaves(
         atrial=atrial,
         conducted=depolarisation + repolarisation,
-        ectopic=_ventricular_ectopic(traits) if plan.pvc_count else [],
+        ectopic=_ventricular_ectopic(traits, depolarisation) if plan.pvc_count else [],
         pr_s=pr,
         qrs_s=qrs_end(depolarisation) - onset,
     )
@@ -235,9 +235,13 @@ def _st_elevation(
     return hyperacute + [st]
 
 
-def _ventricular_ectopic(traits: HeartTraits) -> list[Wave]:
-    """A PVC from the person's own ectopic focus: slow cell-to-cell spread, wide QRS, discordant T."""
-    v = traits.ectopic_vector
+def _ventricular_ectopic(traits: HeartTraits, conducted: list[Wave]) -> list[Wave]:
+    """A PVC from the person's own ectopic focus: slow cell-to-cell spread, wide QRS, discordant T.
+
+    Unopposed, unsynchronised activation makes it larger than the person's conducted QRS (>= 1.3x).
+    """
+    largest_conducted = max(float(np.linalg.norm(w.vector)) for w in conducted)
+    v = traits.ectopic_vector * max(1.0, 1.3 * largest_conducted / float(np.linalg.norm(traits.ectopic_vector)))
     turned = float(np.linalg.norm(v)) * direction(frontal_angle(v) + 35.0, anterior_angle(v))
     return [
         Wave("E1", 0.75 * v, -0.04, 0.018, DEPOLARISATION),
@@ -260,9 +264,9 @@ def beat_train(plan: ConditionPlan, rng: np.random.Generator, duration_s: float,
 
 
 def _fibrillation_ventricular_times(rng: np.random.Generator, rate_bpm: float, duration_s: float) -> np.ndarray:
-    """Irregularly irregular: independent log-normal RR intervals (CV 0.17-0.28), never below 300 ms."""
+    """Irregularly irregular: independent log-normal RR intervals (CV 0.2-0.3), never below 300 ms."""
     mean_rr = 60.0 / rate_bpm
-    spread = rng.uniform(0.17, 0.28)
+    spread = rng.uniform(0.2, 0.3)
     n = int((duration_s + 3.0) / 0.3) + 2
     rr = np.maximum(mean_rr * rng.lognormal(-spread**2 / 2.0, spread, size=n), 0.3)
     times = -1.0 - rng.uniform(0.0, mean_rr) + np.concatenate([[0.0], np.cumsum(rr)])
@@ -277,7 +281,7 @@ def _insert_pvcs(
     The sinus node keeps its pace, so the next sinus beat comes on time: a full compensatory pause
     (the two RR intervals around a PVC add up to two sinus cycles).
     """
-    candidates = np.flatnonzero((sinus > 0.8) & (sinus < duration_s - 1.2))
+    candidates = np.flatnonzero((sinus > 1.2) & (sinus < duration_s - 1.2))
     chosen: list[int] = []
     for index in rng.permutation(candidates):
         if len(chosen) == count:
