@@ -8,7 +8,6 @@ import sys
 
 import pandas as pd
 import scipy.io
-import pytest
 
 
 def ecgtwin(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ import wfdb
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.record import LEADS
 from ecgtwin.data.store import SiteStore
-from ecgtwin.data.wfdb_io import read_wfdb, write_wfdb
+from ecgtwin.data.wfdb_io import read_wfdb
 
 REAL = "records500/00000/00012_hr"  # a real PTB-XL 500 Hz record
 

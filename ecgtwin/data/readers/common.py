@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from ecgtwin.data.record import LEADS, Record, RecordError, Rejected, to_canonical_order
 from ecgtwin.data.wfdb_io import WfdbSignal, read_wfdb
@@ -22,7 +23,7 @@ def reject(path: Path | str, error: RecordError) -> Rejected:
     return Rejected(source=str(path), reason=error.reason, message=str(error))
 
 
-def try_load(path: Path, build: "callable[[WfdbSignal], Record]") -> list:
+def try_load(path: Path, build: Callable[[WfdbSignal], Record]) -> list:
     """Load `path` and build a Record from it; any RecordError becomes a Rejected naming the file."""
     try:
         return [build(load_12_lead(path))]
@@ -36,3 +37,11 @@ def optional_float(value: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if number == number else None  # NaN -> None
+
+
+def load_with_metadata(path: Path, meta: dict) -> list:
+    """Load the WFDB record at `path` as a Record carrying the metadata a dataset's table gave for it."""
+    def build(rec: WfdbSignal) -> Record:
+        return Record(signal=rec.signal, fs=rec.fs, source=str(path), **meta)
+
+    return try_load(path, build)

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ecgtwin.data.readers.common import optional_float, try_load
-from ecgtwin.data.record import Record, Rejected
-from ecgtwin.data.wfdb_io import WfdbSignal
+from ecgtwin.data.readers.common import load_with_metadata, optional_float
+from ecgtwin.data.record import Rejected
 
 N_REPORT_COLUMNS = 18
 
@@ -29,7 +28,7 @@ def scan(root: Path, **_: object) -> tuple[list, list[Rejected]]:
         except (KeyError, ValueError) as exc:
             rejected.append(Rejected(f"{record_list}:study_id={study}", "bad_metadata", f"unusable row: {exc}"))
             continue
-        tasks.append(functools.partial(_load, root / row["path"], meta))
+        tasks.append(functools.partial(load_with_metadata, root / row["path"], meta))
     return tasks, rejected
 
 
@@ -52,10 +51,3 @@ def _metadata(row: dict, measured: dict) -> dict:
         hr=60000.0 / rr_ms if rr_ms and rr_ms > 0 else None,
         extra={"study_id": str(row["study_id"]), "statements": "|".join(statements)},
     )
-
-
-def _load(path: Path, meta: dict) -> list:
-    def build(rec: WfdbSignal) -> Record:
-        return Record(signal=rec.signal, fs=rec.fs, source=str(path), **meta)
-
-    return try_load(path, build)

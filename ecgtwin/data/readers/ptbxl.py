@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ecgtwin.data.readers.common import optional_float, try_load
-from ecgtwin.data.record import Record, Rejected, parse_age, parse_sex
-from ecgtwin.data.wfdb_io import WfdbSignal
+from ecgtwin.data.readers.common import load_with_metadata, optional_float
+from ecgtwin.data.record import Rejected, parse_age, parse_sex
 
 RATES = {100: "filename_lr", 500: "filename_hr"}
 
@@ -31,7 +30,7 @@ def scan(root: Path, rate: int = 500, **_: object) -> tuple[list, list[Rejected]
         except (ValueError, SyntaxError) as exc:
             rejected.append(Rejected(f"{database}:ecg_id={row.get('ecg_id')}", "bad_metadata", str(exc)))
             continue
-        tasks.append(functools.partial(_load, root / row[RATES[rate]], meta))
+        tasks.append(functools.partial(load_with_metadata, root / row[RATES[rate]], meta))
     return tasks, rejected
 
 
@@ -61,10 +60,3 @@ def _metadata(row: dict, statements: dict[str, str]) -> dict:
         fold=int(float(row["strat_fold"])) if optional_float(row["strat_fold"]) is not None else None,
         extra={"report_en": ". ".join(english), "ecg_id": ecg_id},
     )
-
-
-def _load(path: Path, meta: dict) -> list:
-    def build(rec: WfdbSignal) -> Record:
-        return Record(signal=rec.signal, fs=rec.fs, source=str(path), **meta)
-
-    return try_load(path, build)

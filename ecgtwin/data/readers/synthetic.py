@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ecgtwin.data.readers.common import optional_float, try_load
-from ecgtwin.data.record import Record, Rejected, parse_age, parse_sex
-from ecgtwin.data.wfdb_io import WfdbSignal
+from ecgtwin.data.readers.common import load_with_metadata, optional_float
+from ecgtwin.data.record import Rejected, parse_age, parse_sex
 
 COLUMNS = ("record", "patient_id", "site", "conditions", "report", "hr", "age", "sex")
 
@@ -34,7 +33,7 @@ def scan(root: Path, **_: object) -> tuple[list, list[Rejected]]:
             except ValueError as exc:
                 rejected.append(Rejected(f"{table_path}:record={row['record']}", "bad_metadata", str(exc)))
                 continue
-            tasks.append(functools.partial(_load, table_path.parent / row["record"], meta))
+            tasks.append(functools.partial(load_with_metadata, table_path.parent / row["record"], meta))
     return tasks, rejected
 
 
@@ -52,10 +51,3 @@ def _metadata(row: dict) -> dict:
         sex=parse_sex(row["sex"]),
         recording_time=dt.datetime.fromisoformat(time) if time else None,
     )
-
-
-def _load(path: Path, meta: dict) -> list:
-    def build(rec: WfdbSignal) -> Record:
-        return Record(signal=rec.signal, fs=rec.fs, source=str(path), **meta)
-
-    return try_load(path, build)
