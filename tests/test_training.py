@@ -207,3 +207,4 @@ def test_stages_refuse_missing_prerequisites_and_foreign_checkpoints(trained, tm
     config.model.vae.base_channels = 8
     with pytest.raises(ConfigError, match="different model configuration"):
         train_stage("vae", config, trained["store"], trained["ckpt"], progress=False)
+
