@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def _markdown(report: dict, out: Path) -> str:
     lines += ["", f"## Training at {report['training_site']} (single site, non-private)", "",
               "| stage | steps | first loss | final loss | seconds | curve |", "|---|---|---|---|---|---|"]
     for stage, t in report["training"].items():
-        curve = Path(t["loss_curve"]).relative_to(out.resolve()) if Path(t["loss_curve"]).is_absolute() else t["loss_curve"]
+        curve = os.path.relpath(t["loss_curve"], out)  # report.md sits in `out`
         lines.append(f"| {stage} | {t['steps']} | {t['first_loss']:.4g} | {t['final_loss']:.4g} | {t['seconds']} | {curve} |")
     lines += ["", "## Twins", "", f"Mean |requested - measured| HR: {report['twin_hr_mae_bpm']} bpm", "",
               "| patient | reference report | target report | HR requested | HR measured | record |",
