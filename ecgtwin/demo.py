@@ -13,9 +13,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from ecgtwin.conditioning import conditioning_hr
 from ecgtwin.config import load_config
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.store import SiteStore
@@ -65,20 +63,14 @@ def run_demo(out: str | Path, demo: DemoConfig = DemoConfig(), progress: bool = 
 
 def _twins(out: Path, site: str, demo: DemoConfig) -> list[dict]:
     """Twins of the first patients of the training site, from their earliest ECG, under new conditions."""
-    from ecgtwin.twin import Condition, Reference, TwinGenerator, write_twins
+    from ecgtwin.twin import Condition, TwinGenerator, reference_from_store, write_twins
 
     generator = TwinGenerator(out / "checkpoint")
     store = SiteStore(out / "stores" / site)
     rows = []
     for patient in store.patients[: demo.twin_patients]:
-        index = int(store.records_of(patient)[0])
-        record = store.records.iloc[index]
-        signal = np.asarray(store.signals[index])
-        hr = float(conditioning_hr(store.records.iloc[[index]])[0])
-        age = float(pd.to_numeric(pd.Series([record["age"]]), errors="coerce").iloc[0])
-        own = Condition(record["report"], None if np.isnan(hr) else hr, None if np.isnan(age) else age,
-                        record["sex"] or None)
-        reference = Reference(signal, store.fs, own, record["record_id"], signal, store.fs)
+        reference = reference_from_store(store, int(store.records_of(patient)[0]))
+        own = reference.condition
         for k, (report, hr) in enumerate(TARGETS):
             target = Condition(report, hr, own.age, own.sex)
             made = generator.generate(reference, target, n=demo.twins_per_condition, seed=k)

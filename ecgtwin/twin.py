@@ -8,17 +8,21 @@ Everything happens at the site that holds the reference.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import signal as sps
+from tqdm import tqdm
 
 from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.conditioning import SEX_CODE
+from ecgtwin.conditioning import SEX_CODE, conditioning_hr, report_text
 from ecgtwin.data.preprocess import PreprocessConfig, preprocess
 from ecgtwin.data.readers.common import load_12_lead
 from ecgtwin.data.record import Record, RecordError, parse_age, parse_sex
+from ecgtwin.data.store import SiteStore
 from ecgtwin.data.wfdb_io import header_fields, write_wfdb
 from ecgtwin.models import LATENT_SCALE, ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor
 from ecgtwin.models import guided_model_fn
@@ -183,18 +187,21 @@ def write_twins(out: str | Path, twins: np.ndarray, fs_model: float, reference: 
     return rows
 
 
+def reference_from_store(store: SiteStore, row: int) -> Reference:
+    """A record of a site store as a reference, with the condition it was recorded under."""
+    record = store.records.iloc[row]
+    hr = float(conditioning_hr(store.records.iloc[[row]])[0])
+    age = float(pd.to_numeric(pd.Series([record["age"]]), errors="coerce").iloc[0])
+    own = Condition(report_text(record), None if np.isnan(hr) else hr, None if np.isnan(age) else age,
+                    record["sex"] if record["sex"] in SEX_CODE else None)
+    signal = np.asarray(store.signals[row])
+    return Reference(signal, store.fs, own, record["record_id"], signal, store.fs)
+
+
 def generate_cohort(checkpoint_dir: str | Path, store_path: str | Path, reports: list[str], out: str | Path,
                     patients: int = 10, n: int = 2, steps: int | None = None,
                     guidance_condition: float | None = None, seed: int = 0, progress: bool = True) -> dict:
     """Twins of the first `patients` patients of a store (earliest ECG as reference) under each report."""
-    import sys
-
-    import pandas as pd
-    from tqdm import tqdm
-
-    from ecgtwin.conditioning import conditioning_hr, report_text
-    from ecgtwin.data.store import SiteStore
-
     generator = TwinGenerator(checkpoint_dir)
     store = SiteStore(store_path)
     out = Path(out)
@@ -202,21 +209,15 @@ def generate_cohort(checkpoint_dir: str | Path, store_path: str | Path, reports:
     chosen = store.patients[:patients]
     bar = tqdm(total=len(chosen) * len(reports), desc="cohort", unit="arm", disable=not progress, file=sys.stderr)
     for p_index, patient in enumerate(chosen):
-        row_index = int(store.records_of(patient)[0])
-        row = store.records.iloc[row_index]
-        hr = float(conditioning_hr(store.records.iloc[[row_index]])[0])
-        age = pd.to_numeric(pd.Series([row["age"]]), errors="coerce").iloc[0]
-        own = Condition(report_text(row), None if np.isnan(hr) else hr,
-                        None if pd.isna(age) else float(age), row["sex"] or None)
-        reference = Reference(np.asarray(store.signals[row_index]), store.fs, own, row["record_id"],
-                              np.asarray(store.signals[row_index]), store.fs)
+        reference = reference_from_store(store, int(store.records_of(patient)[0]))
+        own = reference.condition
         for r_index, report in enumerate(reports):
             target = Condition(report, own.hr, own.age, own.sex)
             twins = generator.generate(reference, target, n=n, steps=steps, guidance_condition=guidance_condition,
                                        seed=seed + 1000 * p_index + r_index)
             written = write_twins(out / _safe(patient), twins, generator.preprocess.fs, reference, target,
                                   out_fs=generator.config.generate.out_fs, prefix=f"arm{r_index}")
-            rows += [{"patient_id": patient, "reference": row["record_id"], **w} for w in written]
+            rows += [{"patient_id": patient, "reference": reference.source, **w} for w in written]
             bar.update(1)
     bar.close()
     table = pd.DataFrame(rows)
