@@ -13,7 +13,7 @@ from typing import Any
 from .diffusion import (DiffusionConfig, GaussianDiffusion, ModelFn, SAMPLERS, guided_eps,
                         guided_model_fn)
 from .dit import INJECTORS, AdaXBlock, AdaXDenoiser, DiTConfig, sample_drop_masks
-from .ibe import IBEConfig, IndividualBaseExtractor, info_nce
+from .ibe import IBEConfig, IndividualBaseExtractor, info_nce, public_negative_nce
 from .layers import condition_tokens
 from .vae import LATENT_SCALE, ECGVAE, VAEConfig, kl_weight_at, vae_loss
 
@@ -72,6 +72,6 @@ __all__ = [
     "AdaXBlock", "AdaXDenoiser", "DiTConfig", "DiffusionConfig", "ECGVAE", "GaussianDiffusion",
     "IBEConfig", "INJECTORS", "IndividualBaseExtractor", "LATENT_SCALE", "ModelConfig", "ModelFn",
     "PATIENT_DIM", "SAMPLERS", "TEXT_DIM", "VAEConfig", "condition_tokens", "demo_config",
-    "guided_eps", "guided_model_fn", "info_nce", "kl_weight_at", "paper_config",
+    "guided_eps", "guided_model_fn", "info_nce", "public_negative_nce", "kl_weight_at", "paper_config",
     "sample_drop_masks", "vae_loss",
 ]

@@ -89,3 +89,22 @@ def info_nce(reference: Tensor, target: Tensor, temperature: float | Tensor = 0.
     logits = ref @ tgt.t() / temperature
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+def public_negative_nce(reference: Tensor, target: Tensor, negatives: Tensor,
+                        temperature: float | Tensor = 0.07) -> Tensor:
+    """The IBE's DP objective: per-patient loss [B] whose gradient depends only on that patient.
+
+    Row i of `reference` and `target` are two ECGs of patient i; `negatives[i]` (M, D) are base
+    vectors of PUBLIC ECGs (the built-in simulator, not patient data), computed in patient i's own
+    forward pass. Patient i's loss contrasts its own pair against those negatives only, never against
+    another patient, so per-patient clipping bounds what patient i contributes (docs/privacy.md).
+    """
+    ref = F.normalize(reference, dim=-1)
+    tgt = F.normalize(target, dim=-1)
+    neg = F.normalize(negatives, dim=-1)
+    positive = (ref * tgt).sum(-1, keepdim=True)  # (B, 1)
+    from_ref = torch.cat([positive, torch.einsum("bd,bmd->bm", ref, neg)], dim=1) / temperature
+    from_tgt = torch.cat([positive, torch.einsum("bd,bmd->bm", tgt, neg)], dim=1) / temperature
+    zero = torch.zeros(len(ref), dtype=torch.long, device=ref.device)
+    return 0.5 * (F.cross_entropy(from_ref, zero, reduction="none") + F.cross_entropy(from_tgt, zero, reduction="none"))

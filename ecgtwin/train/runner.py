@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.conditioning import Conditioner, PatientInfoNormalizer, conditioning_hr, store_conditions
+from ecgtwin.conditioning import Conditioner, Conditions, PatientInfoNormalizer, conditioning_hr, store_conditions
 from ecgtwin.config import ConfigError, ExperimentConfig, StageConfig, to_dict
 from ecgtwin.data.store import SiteStore
 from ecgtwin.models import ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor, kl_weight_at
@@ -160,9 +160,16 @@ def _vae_stage(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, che
     return Stage(vae, step_loss, len(rows))
 
 
-def _ibe_stage(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint) -> Stage:
+@dataclasses.dataclass
+class IBEInputs:
+    latents: torch.Tensor  # (n, C, L) VAE latents of the training rows
+    conditions: Conditions
+    pairs: np.ndarray  # (m, 2) local indices (earlier, later) of the same patient
+    by_patient: dict[str, list[int]]  # patient -> indices into `pairs`
+
+
+def ibe_inputs(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint) -> IBEInputs:
     checkpoint.require("vae")
-    settings = config.ibe
     latents = stage_data.encode_latents(frozen_vae(config, checkpoint), store.signals[rows])
     conditions = store_conditions(store.records.iloc[rows], load_conditioner(config, checkpoint, store, rows))
     local = {row: i for i, row in enumerate(rows)}
@@ -175,6 +182,13 @@ def _ibe_stage(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, che
     by_patient: dict[str, list[int]] = {}
     for k, (a, _) in enumerate(pairs):
         by_patient.setdefault(patient_of[a], []).append(k)
+    return IBEInputs(latents, conditions, pairs, by_patient)
+
+
+def _ibe_stage(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint) -> Stage:
+    settings = config.ibe
+    inputs = ibe_inputs(config, store, rows, checkpoint)
+    latents, conditions, pairs, by_patient = inputs.latents, inputs.conditions, inputs.pairs, inputs.by_patient
     patients = sorted(by_patient)
     ibe = IndividualBaseExtractor(config.model.ibe)
 
@@ -190,16 +204,23 @@ def _ibe_stage(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, che
     return Stage(ibe, step_loss, len(patients))
 
 
-def _twin_stage(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint) -> Stage:
+def twin_inputs(config: ExperimentConfig, store: SiteStore, rows: np.ndarray,
+                checkpoint: Checkpoint) -> tuple[torch.Tensor, Conditions, torch.Tensor]:
+    """(latents, conditions, base vector of each row's reference ECG) for the twin stage."""
     checkpoint.require("vae", "ibe")
-    settings = config.twin
     latents = stage_data.encode_latents(frozen_vae(config, checkpoint), store.signals[rows])
     conditions = store_conditions(store.records.iloc[rows], load_conditioner(config, checkpoint, store, rows))
     ibe = checkpoint.load_weights("ibe", IndividualBaseExtractor(config.model.ibe)).requires_grad_(False)
     base_all = stage_data.base_vectors(ibe, latents, conditions)
     local = {row: i for i, row in enumerate(rows)}
-    refs = np.array([local[r] for r in stage_data.reference_rows(store, rows, np.random.default_rng(settings.seed))])
-    base = base_all[torch.from_numpy(refs)]
+    refs = np.array([local[r] for r in stage_data.reference_rows(store, rows,
+                                                                  np.random.default_rng(config.twin.seed))])
+    return latents, conditions, base_all[torch.from_numpy(refs)]
+
+
+def _twin_stage(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint) -> Stage:
+    settings = config.twin
+    latents, conditions, base = twin_inputs(config, store, rows, checkpoint)
     denoiser = AdaXDenoiser(config.model.dit)
     diffusion = GaussianDiffusion(config.model.diffusion)
 

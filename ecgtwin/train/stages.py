@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ecgtwin.models import AdaXDenoiser, ECGVAE, GaussianDiffusion, IndividualBaseExtractor, info_nce, vae_loss
+from ecgtwin.models import public_negative_nce
 from ecgtwin.models import sample_drop_masks
 
 
@@ -34,3 +35,24 @@ def twin_batch_loss(denoiser: AdaXDenoiser, diffusion: GaussianDiffusion, z0: Te
         return denoiser(z_t, t, base, tokens, mask, drop_base=drop_base, drop_cond=drop_cond)
 
     return diffusion.training_loss(model_fn, z0, noise_draws=noise_draws, generator=generator)
+
+
+def pad_tokens(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Concatenate (tokens (b, S_k, E), mask (b, S_k)) of different statement counts S_k."""
+    width = max(t.shape[1] for t, _ in parts)
+    tokens = [torch.nn.functional.pad(t, (0, 0, 0, width - t.shape[1])) for t, _ in parts]
+    masks = [torch.nn.functional.pad(m, (0, width - m.shape[1])) for _, m in parts]
+    return torch.cat(tokens), torch.cat(masks)
+
+
+def ibe_private_loss(ibe: torch.nn.Module, ref: tuple[Tensor, Tensor, Tensor], tgt: tuple[Tensor, Tensor, Tensor],
+                     neg: tuple[Tensor, Tensor, Tensor], temperature: float) -> Tensor:
+    """Per-patient DP objective [B] (public_negative_nce) in ONE forward pass, so that Opacus'
+    per-row gradients can be summed per patient. `neg` holds B * M public rows, M per patient, in
+    patient order (row j belongs to patient j // M)."""
+    b = len(ref[0])
+    latents = torch.cat([ref[0], tgt[0], neg[0]])
+    tokens, mask = pad_tokens([(ref[1], ref[2]), (tgt[1], tgt[2]), (neg[1], neg[2])])
+    base = ibe(latents, tokens, mask)
+    negatives = base[2 * b:].reshape(b, -1, base.shape[-1])
+    return public_negative_nce(base[:b], base[b:2 * b], negatives, temperature)

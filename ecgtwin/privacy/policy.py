@@ -1,0 +1,136 @@
+"""The site privacy policy: a YAML file owned by the hospital (never by the server).
+
+It states the budget (epsilon, delta), how DP-SGD runs (clip norm, records per patient per step,
+accountant, per-sample gradient mode) and the planned rounds and local steps of each stage. From it
+and the number of patients in the site store, `ecgtwin.privacy.plan` derives each stage's noise
+multiplier. Errors name the file and the key, e.g. `privacy.yaml: epsilon: must be > 0, got 0`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from ecgtwin.config import ConfigError, from_dict
+
+STAGE_ORDER = ("vae", "ibe", "twin")
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """The planned use of one stage: `rounds` passes of `local_steps` DP-SGD steps, each step
+    Poisson-sampling patients with expected count `batch_patients`."""
+
+    rounds: int = 1
+    local_steps: int = 100
+    batch_patients: int = 16
+    budget_fraction: float | None = None  # share of epsilon if this stage were accounted alone
+    noise_multiplier: float | None = None  # fix sigma instead of planning it
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"rounds: must be >= 0, got {self.rounds}")
+        if self.local_steps < 1:
+            raise ValueError(f"local_steps: must be >= 1, got {self.local_steps}")
+        if self.batch_patients < 1:
+            raise ValueError(f"batch_patients: must be >= 1, got {self.batch_patients}")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ValueError(f"budget_fraction: must be in (0, 1], got {self.budget_fraction}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise ValueError(f"noise_multiplier: must be > 0, got {self.noise_multiplier}")
+
+    @property
+    def steps(self) -> int:
+        return self.rounds * self.local_steps
+
+
+@dataclasses.dataclass
+class StagePlans:
+    vae: StagePlan = dataclasses.field(default_factory=StagePlan)
+    ibe: StagePlan = dataclasses.field(default_factory=StagePlan)
+    twin: StagePlan = dataclasses.field(default_factory=StagePlan)
+
+
+@dataclasses.dataclass
+class PrivacyPolicy:
+    """A site's privacy policy. The guarantee is (epsilon, delta)-DP per PATIENT over everything
+    the site trains (all stages, all rounds)."""
+
+    site: str = ""
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    accountant: str = "prv"  # prv (tight, Opacus' default) | rdp
+    max_grad_norm: float = 1.0  # per-patient clipping norm
+    records_per_patient: int = 1  # at most this many of a patient's records in one step
+    grad_sample_mode: str = "hooks"  # hooks | functorch | ghost (ghost: VAE/twin with 1 record per patient)
+    public_negatives: int = 15  # IBE DP objective: public synthetic negatives per patient per step
+    max_noise_multiplier: float = 20.0  # a plan needing more noise than this is refused as useless
+    seed: int | None = None  # None: sampling and noise from OS entropy (production); set only in tests
+    stages: StagePlans = dataclasses.field(default_factory=StagePlans)
+
+    def __post_init__(self) -> None:
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon: must be > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta: must be in (0, 1), got {self.delta}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant: must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode: must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+                             f"got {self.grad_sample_mode!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        if self.records_per_patient < 1:
+            raise ValueError(f"records_per_patient: must be >= 1, got {self.records_per_patient}")
+        if self.public_negatives < 1:
+            raise ValueError(f"public_negatives: must be >= 1, got {self.public_negatives}")
+        fractions = [self.stage(s).budget_fraction for s in self.planned_stages()]
+        if any(f is not None for f in fractions) and sum(f or 0 for f in fractions) > 1 + 1e-9:
+            raise ValueError(f"stages: budget_fraction values sum to {sum(f or 0 for f in fractions):.3g} > 1")
+
+    def stage(self, name: str) -> StagePlan:
+        if name not in STAGE_ORDER:
+            raise ValueError(f"unknown stage {name!r} (known: {', '.join(STAGE_ORDER)})")
+        return getattr(self.stages, name)
+
+    def planned_stages(self) -> list[str]:
+        return [s for s in STAGE_ORDER if getattr(self.stages, s).rounds > 0]
+
+    def fractions(self) -> dict[str, float]:
+        """Each planned stage's budget share: as given; the rest split by steps among the others."""
+        stages = self.planned_stages()
+        given = {s: self.stage(s).budget_fraction for s in stages if self.stage(s).budget_fraction is not None}
+        rest = [s for s in stages if s not in given]
+        left = max(0.0, 1.0 - sum(given.values()))
+        total_steps = sum(self.stage(s).steps for s in rest)
+        shares = {s: left * self.stage(s).steps / total_steps for s in rest} if rest else {}
+        return {s: given.get(s, shares.get(s, 0.0)) for s in stages}
+
+    def check_patients(self, n_patients: int, where: str = "") -> None:
+        """delta must be below 1/patients, or the guarantee allows releasing a whole patient."""
+        if n_patients < 1:
+            raise ValueError(f"{where}: the store has no training patients")
+        if self.delta >= 1.0 / n_patients:
+            raise ValueError(f"{where}: delta {self.delta:g} must be < 1/patients = 1/{n_patients} "
+                             f"= {1.0 / n_patients:.3g}")
+
+
+def load_policy(path: str | Path) -> PrivacyPolicy:
+    """Read and validate a site privacy policy."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: privacy policy does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return from_dict(PrivacyPolicy, data, str(path))
+
+
+def ledger_path(policy_path: str | Path) -> Path:
+    """The site's ledger lives beside its policy: <site dir>/ledger.jsonl."""
+    return Path(policy_path).parent / "ledger.jsonl"

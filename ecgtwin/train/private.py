@@ -1,0 +1,262 @@
+"""One DP-SGD pass of a stage at a site, private per PATIENT (Opacus).
+
+Each step Poisson-samples patients (each independently with rate q), takes at most
+`records_per_patient` of a sampled patient's records, and computes one loss per patient. Opacus
+computes a gradient per forward row; the rows of one patient (its records, the IBE's pair and its
+public negatives, every noise draw of the diffusion loss) are summed into that patient's gradient
+before the DPOptimizer clips it to `max_grad_norm` and adds Gaussian noise. So a patient with many
+recordings contributes at most one clipped gradient per step, which is what the accountant assumes.
+
+The pass is charged to the site's ledger before it trains (see ecgtwin.privacy.ledger); a pass that
+would exceed the budget is refused and nothing is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from tqdm import tqdm
+
+from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.conditioning import PatientInfoNormalizer
+from ecgtwin.config import ExperimentConfig
+from ecgtwin.data.store import SiteStore
+from ecgtwin.models import ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor, kl_weight_at
+from ecgtwin.privacy import Ledger, PrivacyPolicy
+from ecgtwin.privacy.plan import stage_noise
+from ecgtwin.train import data as stage_data
+from ecgtwin.train import runner
+from ecgtwin.train.public import public_negatives
+from ecgtwin.train.stages import ibe_private_loss, twin_batch_loss, vae_batch_loss
+
+# patients chosen this step -> (loss of each patient [U], the patient slot of every forward row [R])
+UnitLoss = Callable[[list[np.ndarray], torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclasses.dataclass
+class PrivateStage:
+    module: torch.nn.Module
+    units: list[np.ndarray]  # per patient: the items (records or IBE pairs) it may contribute
+    unit_loss: UnitLoss
+    one_row_per_unit: bool  # ghost clipping needs it (one forward, one row per patient)
+
+
+def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
+                 policy: PrivacyPolicy, ledger: Ledger, round: int = 1, steps: int | None = None,
+                 run: str = "", progress: bool = True, plan_cache: Path | None = None,
+                 on_step: Callable[[int, dict], None] | None = None, patients: list[str] | None = None) -> dict:
+    """Train `stage` for `steps` DP-SGD steps (default: the policy's local_steps) from the weights in
+    checkpoint folder `out` (fresh weights if it has none), and save them back there. `patients`
+    restricts training to those patients (the membership audit); by default the store's training
+    patients (all but the held-out fraction)."""
+    store = SiteStore(store_path)
+    runner._check_store(store, config)
+    checkpoint = Checkpoint(out)
+    runner._check_or_save_config(checkpoint, config)
+    _public_normalizer(checkpoint)
+    settings = getattr(config, stage)
+    rows = (stage_data.training_rows(store, config.data.held_out_fraction, settings.seed) if patients is None
+            else np.sort(np.concatenate([store.records_of(p) for p in patients])))
+    torch.manual_seed(settings.seed)  # initial weights when the checkpoint has none yet
+    built = _BUILDERS[stage](config, store, rows, checkpoint, policy)
+    n = len(built.units)
+    q, sigma = stage_noise(policy, stage, n, where=f"{store.path}", cache=plan_cache)
+    steps = steps or policy.stage(stage).local_steps
+    if checkpoint.has(stage):
+        checkpoint.load_weights(stage, built.module)
+    seed = None if policy.seed is None else policy.seed + 1000 * round + ("vae", "ibe", "twin").index(stage)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed) if seed is not None else generator.seed()
+    step_fn = _make_step(built, policy, settings, q * n, sigma, generator)
+    # charged after everything that can fail without training, and before the first noisy step
+    entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run)
+    log = checkpoint.path / f"dp_{stage}_loss.jsonl"
+    started, losses, used_patients, used_records = time.perf_counter(), [], set(), 0
+    bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
+    built.module.train()
+    for step in range(steps):
+        chosen = np.flatnonzero(rng.random(n) < q)  # Poisson sampling over patients
+        picks = [_pick(built.units[u], policy.records_per_patient, rng) for u in chosen]
+        loss = step_fn(picks, step)
+        used_patients.update(chosen.tolist())
+        used_records += sum(len(p) for p in picks)
+        losses.append(loss)
+        bar.update(1)
+        entry_step = {"round": round, "step": step + 1, "loss": loss, "patients": len(chosen)}
+        with log.open("a") as f:
+            f.write(json.dumps(entry_step) + "\n")
+        if on_step is not None:
+            on_step(step + 1, entry_step)
+    bar.close()
+    checkpoint.save_weights(stage, built.module)
+    finite = [l for l in losses if l == l]
+    return {"stage": stage, "round": round, "steps": steps, "patients": n,
+            "patients_used": len(used_patients), "records_used": used_records,
+            "loss": float(np.mean(finite[-max(1, len(finite) // 5):])) if finite else float("nan"),
+            "first_loss": finite[0] if finite else float("nan"),
+            "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
+            "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
+            "grad_sample_mode": policy.grad_sample_mode, "seconds": float(np.round(time.perf_counter() - started, 2)),
+            "checkpoint": str(checkpoint.path)}
+
+
+def _pick(items: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return items if len(items) <= k else rng.choice(items, size=k, replace=False)
+
+
+def _public_normalizer(checkpoint: Checkpoint) -> None:
+    """Fixed population statistics for HR and age: fitting them on the site's patients would release
+    a statistic of them without noise."""
+    if not (checkpoint.path / "conditioning.json").is_file():
+        checkpoint.write_text("conditioning.json", PatientInfoNormalizer().to_json())
+
+
+def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch: float, sigma: float,
+               generator: torch.Generator) -> Callable[[list[np.ndarray], int], float]:
+    """The DP step in the policy's per-sample gradient mode; returns the mean patient loss."""
+    module = built.module
+    base = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    expected = max(1, int(round(expected_batch)))
+    opts = dict(noise_multiplier=sigma, max_grad_norm=policy.max_grad_norm, expected_batch_size=expected,
+                loss_reduction="mean", generator=generator)
+    with warnings.catch_warnings():  # Opacus' "secure RNG off" warning: sampling uses numpy's PCG64
+        warnings.simplefilter("ignore")
+        if policy.grad_sample_mode == "ghost":
+            if not built.one_row_per_unit or policy.records_per_patient != 1:
+                raise ValueError("grad_sample_mode ghost needs one forward row per patient: use it for the VAE "
+                                 "and twin stages with records_per_patient 1 and noise_draws 1, else hooks")
+            gsm = GradSampleModuleFastGradientClipping(module, batch_first=True, loss_reduction="sum",
+                                                       max_grad_norm=policy.max_grad_norm, use_ghost_clipping=True)
+            optimizer = DPOptimizerFastGradientClipping(base, **opts)
+        else:
+            gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum",
+                                   force_functorch=policy.grad_sample_mode == "functorch")
+            optimizer = DPOptimizer(base, **opts)
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step(picks: list[np.ndarray], index: int) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if not picks:  # Poisson sampling may draw nobody: the step is noise only, as accounted
+            for p in params:
+                p.grad_sample = torch.zeros((0, *p.shape))
+            if policy.grad_sample_mode == "ghost":
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+            optimizer.step()
+            return float("nan")
+        losses, row_unit = built.unit_loss(picks, generator, index)
+        if policy.grad_sample_mode == "ghost":
+            losses.sum().backward(retain_graph=True)  # first pass: per-patient norms only
+            optimizer.zero_grad()
+            coeff = gsm.get_clipping_coef()
+            gsm.disable_hooks()
+            (coeff.detach() * losses).sum().backward()  # second pass: the clipped sum
+            gsm.enable_hooks()
+        else:
+            with warnings.catch_warnings():  # "full backward hook firing ... no inputs require gradients"
+                warnings.simplefilter("ignore", UserWarning)
+                losses.sum().backward()
+            group_grad_samples(params, row_unit, len(picks))
+        optimizer.step()
+        return float(losses.detach().mean())
+
+    return step
+
+
+def group_grad_samples(params: list[torch.nn.Parameter], row_unit: torch.Tensor, n_units: int) -> None:
+    """Sum Opacus' per-row gradients into one gradient per patient (what DP-SGD then clips)."""
+    for p in params:
+        rows = p.grad_sample
+        if isinstance(rows, list):
+            rows = torch.stack(rows).sum(0)
+        p.grad_sample = torch.zeros((n_units, *rows.shape[1:]), dtype=rows.dtype).index_add_(0, row_unit, rows)
+
+
+def _units_by_patient(store: SiteStore, rows: np.ndarray) -> list[np.ndarray]:
+    """Local row indices of every training patient's records."""
+    local = {row: i for i, row in enumerate(rows)}
+    allowed = set(rows.tolist())
+    units = [np.array([local[r] for r in store.records_of(p) if r in allowed], dtype=int) for p in store.patients]
+    return [u for u in units if len(u)]
+
+
+def _flatten(picks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.from_numpy(np.concatenate(picks))
+    unit = torch.repeat_interleave(torch.arange(len(picks)), torch.tensor([len(p) for p in picks]))
+    return index, unit
+
+
+def _per_unit_mean(row_loss: torch.Tensor, unit: torch.Tensor, n_units: int) -> torch.Tensor:
+    counts = torch.zeros(n_units).index_add_(0, unit, torch.ones(len(unit)))
+    return torch.zeros(n_units).index_add_(0, unit, row_loss) / counts
+
+
+def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint,
+         policy: PrivacyPolicy) -> PrivateStage:
+    vae = ECGVAE(config.model.vae)
+    signals = torch.from_numpy(np.asarray(store.signals[rows]))
+    settings = config.vae
+
+    def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
+        index, unit = _flatten(picks)
+        kl = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
+        return _per_unit_mean(vae_batch_loss(vae, signals[index], kl), unit, len(picks)), unit
+
+    return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True)
+
+
+def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint,
+         policy: PrivacyPolicy) -> PrivateStage:
+    inputs = runner.ibe_inputs(config, store, rows, checkpoint)
+    conditioner = runner.load_conditioner(config, checkpoint)
+    pub_latents, pub_conditions = public_negatives(config, checkpoint, conditioner)
+    m = policy.public_negatives
+    ibe = IndividualBaseExtractor(config.model.ibe)
+    units = [np.array(v, dtype=int) for _, v in sorted(inputs.by_patient.items())]
+
+    def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
+        # one pair per patient and step (a second pair of the same patient adds no privacy cost but
+        # the objective needs no more); each patient gets its own copy of m public negatives
+        pairs = inputs.pairs[[p[0] for p in picks]]
+        ref, tgt = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
+        neg = torch.randint(0, len(pub_latents), (len(picks) * m,), generator=generator)
+        loss = ibe_private_loss(ibe, (inputs.latents[ref], *inputs.conditions.tokens(ref)),
+                                (inputs.latents[tgt], *inputs.conditions.tokens(tgt)),
+                                (pub_latents[neg], *pub_conditions.tokens(neg)), config.ibe.temperature)
+        b = torch.arange(len(picks))
+        return loss, torch.cat([b, b, b.repeat_interleave(m)])
+
+    return PrivateStage(ibe, units, unit_loss, one_row_per_unit=False)
+
+
+def _twin(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint,
+          policy: PrivacyPolicy) -> PrivateStage:
+    settings = config.twin
+    latents, conditions, base = runner.twin_inputs(config, store, rows, checkpoint)
+    denoiser = AdaXDenoiser(config.model.dit)
+    diffusion = GaussianDiffusion(config.model.diffusion)
+
+    def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
+        index, unit = _flatten(picks)
+        tokens, mask = conditions.tokens(index)
+        row_loss = twin_batch_loss(denoiser, diffusion, latents[index], base[index], tokens, mask,
+                                   settings.base_dropout, settings.cond_dropout, settings.noise_draws, generator)
+        return _per_unit_mean(row_loss, unit, len(picks)), unit
+
+    return PrivateStage(denoiser, _units_by_patient(store, rows), unit_loss,
+                        one_row_per_unit=settings.noise_draws == 1)
+
+
+_BUILDERS: dict[str, Callable[..., PrivateStage]] = {"vae": _vae, "ibe": _ibe, "twin": _twin}
