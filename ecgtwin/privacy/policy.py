@@ -61,6 +61,7 @@ class PrivacyPolicy:
     the site trains (all stages, all rounds)."""
 
     site: str = ""
+    private: bool = True  # false: no DP at all (research on public or synthetic data only)
     epsilon: float = 8.0
     delta: float = 1e-5
     accountant: str = "prv"  # prv (tight, Opacus' default) | rdp

@@ -29,7 +29,6 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from tqdm import tqdm
 
 from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.conditioning import PatientInfoNormalizer
 from ecgtwin.config import ExperimentConfig
 from ecgtwin.data.store import SiteStore
 from ecgtwin.models import ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor, kl_weight_at
@@ -64,7 +63,7 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
     runner._check_store(store, config)
     checkpoint = Checkpoint(out)
     runner._check_or_save_config(checkpoint, config)
-    _public_normalizer(checkpoint)
+    runner.use_population_normalizer(checkpoint)
     settings = getattr(config, stage)
     rows = (stage_data.training_rows(store, config.data.held_out_fraction, settings.seed) if patients is None
             else np.sort(np.concatenate([store.records_of(p) for p in patients])))
@@ -114,13 +113,6 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
 
 def _pick(items: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return items if len(items) <= k else rng.choice(items, size=k, replace=False)
-
-
-def _public_normalizer(checkpoint: Checkpoint) -> None:
-    """Fixed population statistics for HR and age: fitting them on the site's patients would release
-    a statistic of them without noise."""
-    if not (checkpoint.path / "conditioning.json").is_file():
-        checkpoint.write_text("conditioning.json", PatientInfoNormalizer().to_json())
 
 
 def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch: float, sigma: float,

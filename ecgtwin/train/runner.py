@@ -92,6 +92,49 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
             "loss_curve": str(checkpoint.path / f"{stage}_loss.png")}
 
 
+def local_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path, steps: int,
+               round: int = 1, progress: bool = True, patients: list[str] | None = None) -> dict:
+    """`steps` NON-private steps of `stage` from the weights in checkpoint folder `out` (fresh ones if it
+    has none), saved back there: a federated round at a site whose policy says `private: false`
+    (research on public or synthetic data only). A fresh optimizer per pass, as in FedAvg."""
+    store = SiteStore(store_path)
+    _check_store(store, config)
+    checkpoint = Checkpoint(out)
+    _check_or_save_config(checkpoint, config)
+    use_population_normalizer(checkpoint)
+    settings: StageConfig = getattr(config, stage)
+    rows = (stage_data.training_rows(store, config.data.held_out_fraction, settings.seed) if patients is None
+            else np.sort(np.concatenate([store.records_of(p) for p in patients])))
+    torch.manual_seed(settings.seed)
+    built = _BUILDERS[stage](config, store, rows, checkpoint)
+    if checkpoint.has(stage):
+        checkpoint.load_weights(stage, built.module)
+    optimizer = torch.optim.AdamW(built.module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    seed = settings.seed + 1000 * round
+    rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    losses, started = [], time.perf_counter()
+    built.module.train()
+    for step in tqdm(range(steps), desc=f"{stage} r{round}", unit="step", disable=not progress, file=sys.stderr):
+        loss, _ = built.step_loss(step, rng, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(built.module.parameters(), settings.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+    checkpoint.save_weights(stage, built.module)
+    patients_used = len(set(store.records.patient_id.to_numpy()[rows]))
+    return {"stage": stage, "round": round, "steps": steps, "patients": patients_used, "records_used": len(rows),
+            "loss": float(np.mean(losses[-max(1, len(losses) // 5):])), "first_loss": losses[0],
+            "seconds": float(np.round(time.perf_counter() - started, 2)), "checkpoint": str(checkpoint.path)}
+
+
+def use_population_normalizer(checkpoint: Checkpoint) -> None:
+    """Fixed population statistics for HR and age in federated and private training: fitting them on
+    one site's patients would release a statistic of them without noise, and sites would disagree."""
+    if not (checkpoint.path / "conditioning.json").is_file():
+        checkpoint.write_text("conditioning.json", PatientInfoNormalizer().to_json())
+
+
 def _save(checkpoint: Checkpoint, stage: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
           rng: np.random.Generator, generator: torch.Generator, step: int) -> None:
     checkpoint.save_weights(stage, module)
