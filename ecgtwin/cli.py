@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ecgtwin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in (_add_synth, _add_prepare, _add_train, _add_generate, _add_cohort, _add_demo):
+    for register in (_add_synth, _add_prepare, _add_train, _add_generate, _add_cohort, _add_demo, _add_privacy):
         register(sub)
     return parser
 
@@ -128,6 +128,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, type=Path, help="site store from `ecgtwin prepare`")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (shared by the three stages)")
     p.add_argument("--steps", type=int, help="override the stage's number of optimiser steps")
+    p.add_argument("--policy", type=Path, help="train with patient-level DP-SGD under this site privacy policy: the "
+                   "policy's rounds x local steps of the stage, each round charged to the ledger beside it")
     _common(p)
     p.set_defaults(run=_run_train)
 
@@ -141,7 +143,24 @@ def _run_train(args: argparse.Namespace) -> dict:
         if args.steps < 1:
             raise ValueError("--steps must be at least 1")
         getattr(config, args.stage).steps = args.steps
+    if args.policy is not None:
+        return _train_private(args, config)
     return train_stage(args.stage, config, args.store, args.out, progress=not args.no_progress)
+
+
+def _train_private(args: argparse.Namespace, config) -> dict:
+    from ecgtwin.privacy import Ledger, ledger_path, load_policy
+    from ecgtwin.train.private import private_pass
+
+    policy = load_policy(args.policy)
+    plan = policy.stage(args.stage)
+    if plan.rounds < 1:
+        raise ValueError(f"{args.policy}: the policy plans no rounds for stage {args.stage}")
+    ledger = Ledger(ledger_path(args.policy))
+    passes = [private_pass(args.stage, config, args.store, args.out, policy, ledger, round=r, steps=args.steps,
+                           progress=not args.no_progress, plan_cache=args.policy.parent / "plan-cache.json")
+              for r in range(1, plan.rounds + 1)]
+    return {**passes[-1], "rounds": len(passes), "losses": [p["loss"] for p in passes]}
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -261,6 +280,78 @@ def _run_demo(args: argparse.Namespace) -> dict:
             for site, s in report["stores"].items()}
     return {**rows, "twin_hr_mae_bpm": report["twin_hr_mae_bpm"], "report": str(Path(args.out) / "report.md"),
             "figures": str(Path(args.out) / "figures")}
+
+
+def _add_privacy(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("privacy", help="a site's privacy budget: plan it, read its ledger, audit a model",
+                       description="Differential privacy per PATIENT at a site; see docs/privacy.md.")
+    cmds = p.add_subparsers(dest="privacy_command", metavar="ACTION", required=True)
+    plan = cmds.add_parser("plan", help="noise multiplier and expected epsilon of each stage for a policy on a store",
+                           description="Plan the site's budget: for the planned rounds and local steps of each "
+                           "stage, the noise multiplier it needs and the epsilon spent after it. Refuses a plan "
+                           "that cannot meet the budget.")
+    plan.add_argument("--policy", required=True, type=Path, help="the site privacy policy (privacy.yaml)")
+    plan.add_argument("--store", required=True, type=Path, help="the site store (its patient count sets the sampling rate)")
+    plan.add_argument("--config", type=Path, help="experiment YAML (for the held-out split; default settings otherwise)")
+    _common(plan)
+    plan.set_defaults(run=_run_privacy_plan)
+    ledger = cmds.add_parser("ledger", help="every release of the site with the epsilon spent so far, and a plot",
+                             description="Read the append-only ledger DIR/ledger.jsonl and plot epsilon spent "
+                             "over the site's DP-SGD steps (DIR/ledger.png).")
+    ledger.add_argument("--site", required=True, type=Path, help="site folder holding privacy.yaml and ledger.jsonl")
+    ledger.add_argument("--figure", type=Path, help="where to write the plot (default DIR/ledger.png)")
+    _common(ledger)
+    ledger.set_defaults(run=_run_privacy_ledger)
+    audit = cmds.add_parser("audit", help="membership-inference audit: non-private vs DP training",
+                            description="Train a VAE on half of the store's patients without DP (overfit) and with "
+                            "DP-SGD at --epsilon; attack both (loss and calibrated loss); report ROC AUC and TPR "
+                            "at low FPR. The results are for the privacy officer, not for release.")
+    audit.add_argument("--store", required=True, type=Path, help="the site store to audit on")
+    audit.add_argument("--out", required=True, type=Path, help="folder for the audit's models, report and ROC plot")
+    audit.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="experiment YAML (VAE size)")
+    audit.add_argument("--epsilon", type=float, default=8.0, help="epsilon of the DP model (default 8)")
+    audit.add_argument("--steps", type=int, default=300, help="DP-SGD steps (default 300)")
+    audit.add_argument("--overfit-steps", type=int, default=600, help="non-private steps (default 600)")
+    audit.add_argument("--seed", type=int, default=0, help="member split and training seed")
+    _common(audit)
+    audit.set_defaults(run=_run_privacy_audit)
+
+
+def _run_privacy_plan(args: argparse.Namespace) -> dict:
+    from ecgtwin.config import load_config
+    from ecgtwin.privacy.reports import plan_report
+
+    report = plan_report(args.policy, args.store, load_config(args.config) if args.config else None)
+    if not args.json:
+        print(f"{'stage':>5} {'rounds':>6} {'steps':>6} {'q':>7} {'sigma':>7} {'eps alone':>9} {'eps after':>9}")
+        for s in report.pop("stages"):
+            print(f"{s['stage']:>5} {s['rounds']:>6} {s['local_steps']:>6} {s['sample_rate']:>7.4f} "
+                  f"{s['noise_multiplier']:>7.3f} {s['epsilon_alone']:>9.3f} {s['epsilon_after']:>9.3f}")
+    return report
+
+
+def _run_privacy_ledger(args: argparse.Namespace) -> dict:
+    from ecgtwin.privacy.reports import ledger_report
+
+    report = ledger_report(args.site, args.figure)
+    if not args.json:  # a readable table instead of the raw entries
+        for e in report.pop("entries"):
+            print(f"{e['time']}  {e['stage']:>4} round {e['round']:>3}  {e['steps']:>5} steps  q={e['sample_rate']:.4f}"
+                  f"  sigma={e['noise_multiplier']:.3f}  C={e['max_grad_norm']:g}  epsilon={e['epsilon']:.3f}"
+                  f"  delta={e['delta']:g}")
+    return report
+
+
+def _run_privacy_audit(args: argparse.Namespace) -> dict:
+    import json as json_
+
+    from ecgtwin.config import load_config
+    from ecgtwin.privacy.audit import membership_audit
+
+    report = membership_audit(args.store, load_config(args.config), args.out, epsilon=args.epsilon, steps=args.steps,
+                              overfit_steps=args.overfit_steps, seed=args.seed, progress=not args.no_progress)
+    (args.out / "audit.json").write_text(json_.dumps(report, indent=2))
+    return report
 
 
 def emit(summary: dict, as_json: bool) -> None:

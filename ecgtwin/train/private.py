@@ -69,7 +69,9 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
             else np.sort(np.concatenate([store.records_of(p) for p in patients])))
     torch.manual_seed(settings.seed)  # initial weights when the checkpoint has none yet
     built = _BUILDERS[stage](config, store, rows, checkpoint, policy)
-    n = len(built.units)
+    # q is over ALL training patients, the same population in every stage (the plan assumes it); a
+    # patient with nothing to contribute here (no pair, for the IBE) is a unit with zero gradient
+    n = len(set(store.records.patient_id.to_numpy()[rows]))
     q, sigma = stage_noise(policy, stage, n, where=f"{store.path}", cache=plan_cache)
     steps = steps or policy.stage(stage).local_steps
     if checkpoint.has(stage):
@@ -86,7 +88,7 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
     bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
     built.module.train()
     for step in range(steps):
-        chosen = np.flatnonzero(rng.random(n) < q)  # Poisson sampling over patients
+        chosen = np.flatnonzero(rng.random(len(built.units)) < q)  # Poisson sampling over patients
         picks = [_pick(built.units[u], policy.records_per_patient, rng) for u in chosen]
         loss = step_fn(picks, step)
         used_patients.update(chosen.tolist())

@@ -1,0 +1,74 @@
+"""What a privacy officer reads: the plan of a policy on a store, and the ledger with its plot."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ecgtwin.config import ExperimentConfig  # noqa: E402
+from ecgtwin.data.store import SiteStore  # noqa: E402
+from ecgtwin.privacy.ledger import Ledger  # noqa: E402
+from ecgtwin.privacy.plan import plan_budget  # noqa: E402
+from ecgtwin.privacy.policy import STAGE_ORDER, load_policy  # noqa: E402
+from ecgtwin.train.data import training_rows  # noqa: E402
+
+
+def training_patients(store: SiteStore, config: ExperimentConfig | None = None) -> int:
+    """Patients that DP-SGD samples from: the store's patients minus the held-out ones."""
+    config = config or ExperimentConfig()
+    rows = training_rows(store, config.data.held_out_fraction, config.vae.seed)
+    return len(set(store.records.patient_id.to_numpy()[rows]))
+
+
+def plan_report(policy_path: str | Path, store_path: str | Path, config: ExperimentConfig | None = None) -> dict:
+    policy = load_policy(policy_path)
+    n = training_patients(SiteStore(store_path), config)
+    stages = plan_budget(policy, n, where=str(policy_path))
+    return {"policy": str(policy_path), "site": policy.site, "patients": n, "epsilon": policy.epsilon,
+            "delta": policy.delta, "accountant": policy.accountant, "max_grad_norm": policy.max_grad_norm,
+            "records_per_patient": policy.records_per_patient,
+            "expected_epsilon": stages[-1].epsilon_after if stages else 0.0,
+            "stages": [dataclasses.asdict(s) for s in stages]}
+
+
+def ledger_report(site: str | Path, figure: Path | None = None) -> dict:
+    """The ledger of site folder `site` (ledger.jsonl beside privacy.yaml) and its plot."""
+    site = Path(site)
+    path = site / "ledger.jsonl" if site.is_dir() else site
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no privacy ledger (nothing trained at this site yet?)")
+    entries = Ledger(path).entries()
+    policy_file = path.parent / "privacy.yaml"
+    budget = load_policy(policy_file).epsilon if policy_file.is_file() else None
+    figure = figure or path.with_name("ledger.png")
+    plot_ledger(entries, figure, budget)
+    return {"ledger": str(path), "releases": len(entries), "budget": budget,
+            "epsilon_spent": entries[-1]["epsilon"] if entries else 0.0,
+            "delta": entries[-1]["delta"] if entries else None, "entries": entries, "figure": str(figure)}
+
+
+def plot_ledger(entries: list[dict], path: Path, budget: float | None) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    colors = dict(zip(STAGE_ORDER, ("tab:blue", "tab:orange", "tab:green")))
+    steps, eps = [0], [0.0]
+    for e in entries:
+        steps.append(steps[-1] + e["steps"])
+        eps.append(e["epsilon"])
+        ax.plot(steps[-2:], eps[-2:], color=colors.get(e["stage"], "k"), lw=2)
+    for stage, color in colors.items():
+        ax.plot([], [], color=color, lw=2, label=stage)
+    if budget is not None:
+        ax.axhline(budget, color="tab:red", ls="--", lw=1, label=f"budget {budget:g}")
+    ax.set(xlabel="DP-SGD steps at this site (all rounds and stages)", ylabel="epsilon spent",
+           title=f"privacy ledger: {len(entries)} releases")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""A hospital's side of a federated round, without Flower: the ClientApp (client/) is a thin wrapper.
+
+A `Site` is opened from the SuperNode's node config: `data-path` (the site store), `policy-path` (the
+site's privacy policy, written by its privacy officer) and optionally `state-path` (a writable folder for
+the privacy ledger, the noise-plan cache and the working checkpoint; default: the policy's folder).
+
+`Site.train` receives the global weights of the stage being trained and of the frozen earlier stages,
+trains ONE local pass with the site's own steps and noise (from its policy; the server cannot choose
+them), and returns the new stage weights and an allowlisted set of aggregate metrics. When the site's
+budget would be exceeded, or its policy plans no rounds for the stage, it trains nothing and returns a
+refusal with the reason. `check_reply` is the last gate before anything leaves the site.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from ecgtwin.checkpoint import STAGES, Checkpoint
+from ecgtwin.config import ExperimentConfig, to_dict
+from ecgtwin.federation import build_module, config_from_text, load_weights_into, model_shapes
+from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, ledger_path, load_policy
+
+# The only metrics a site ever sends: aggregate counts, the mean training loss of the pass, and its own
+# privacy accounting. Never a per-patient value.
+ALLOWED_METRICS = frozenset({"num-examples", "patients", "records", "loss", "epsilon", "delta"})
+# The only config values a site ever sends: its name and, when it refuses, why.
+ALLOWED_CONFIG = frozenset({"site", "reason"})
+
+
+class ReplyRejected(ValueError):
+    """A reply that must not leave the site (an array or a metric outside the allowlist)."""
+
+
+def check_reply(stage: str, config: ExperimentConfig, arrays: Mapping[str, np.ndarray] | None,
+                metrics: Mapping[str, Any], info: Mapping[str, Any] | None = None,
+                shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """Raise ReplyRejected unless the arrays are exactly the stage model's tensors (names and shapes) and
+    every metric (a finite-or-NaN number) and config key is allowlisted."""
+    if arrays is not None:
+        shapes = dict(shapes) if shapes is not None else model_shapes(stage, config)
+        names = set(arrays)
+        if names != set(shapes):
+            extra, missing = sorted(names - set(shapes)), sorted(set(shapes) - names)
+            raise ReplyRejected(f"reply arrays are not the {stage} model's tensors: unexpected {extra[:3]}, "
+                                f"missing {missing[:3]}")
+        for name, value in arrays.items():
+            if tuple(np.shape(value)) != tuple(shapes[name]):
+                raise ReplyRejected(f"reply array {name}: shape {tuple(np.shape(value))} is not the model's "
+                                    f"{tuple(shapes[name])}")
+            if not np.issubdtype(np.asarray(value).dtype, np.floating):
+                raise ReplyRejected(f"reply array {name}: dtype {np.asarray(value).dtype} is not a weight dtype")
+    for key, value in metrics.items():
+        if key not in ALLOWED_METRICS:
+            raise ReplyRejected(f"reply metric {key!r} is not in the allowlist ({', '.join(sorted(ALLOWED_METRICS))})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ReplyRejected(f"reply metric {key!r}: {type(value).__name__} is not a single number")
+    for key, value in (info or {}).items():
+        if key not in ALLOWED_CONFIG:
+            raise ReplyRejected(f"reply config {key!r} is not in the allowlist ({', '.join(sorted(ALLOWED_CONFIG))})")
+        if not isinstance(value, str):
+            raise ReplyRejected(f"reply config {key!r}: must be text")
+
+
+def site_paths(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> dict[str, Path]:
+    """data/policy/state paths of this node. From the node config (data-path, policy-path, state-path); in
+    simulation, where nodes only have a partition-id, from the run config's sites-root: the partition-id-th
+    folder (sorted) of <sites-root>/<site>/{store, privacy.yaml, state}."""
+    if "data-path" in node_config or "policy-path" in node_config:
+        missing = [k for k in ("data-path", "policy-path") if not node_config.get(k)]
+        if missing:
+            raise ValueError(f"node config: {', '.join(missing)} missing (set them with flower-supernode --node-config)")
+        state = node_config.get("state-path") or None
+        return {"data": Path(str(node_config["data-path"])), "policy": Path(str(node_config["policy-path"])),
+                "state": Path(str(state)) if state else Path(str(node_config["policy-path"])).parent}
+    root = str((run_config or {}).get("sites-root", "") or "")
+    if "partition-id" not in node_config or not root:
+        raise ValueError("node config has no data-path/policy-path (flower-supernode --node-config "
+                         "'data-path=\"...\" policy-path=\"...\"'), and this is not a simulation with a sites-root")
+    sites = sorted(p.parent for p in Path(root).glob("*/privacy.yaml"))
+    index = int(node_config["partition-id"])
+    if not 0 <= index < len(sites):
+        raise ValueError(f"sites-root {root}: simulation node {index} has no site (found {len(sites)} sites with "
+                         "privacy.yaml)")
+    site = sites[index]
+    return {"data": site / "store", "policy": site / "privacy.yaml", "state": site / "state"}
+
+
+class Site:
+    def __init__(self, data_path: str | Path, policy_path: str | Path, state_path: str | Path | None = None,
+                 progress: bool = False) -> None:
+        self.store_path = Path(data_path)
+        self.policy_path = Path(policy_path)
+        self.policy = load_policy(self.policy_path)
+        if not self.store_path.is_dir():
+            raise FileNotFoundError(f"{self.store_path}: site store does not exist")
+        self.state_path = Path(state_path) if state_path else self.policy_path.parent
+        self.ledger = Ledger(self.state_path / "ledger.jsonl" if state_path else ledger_path(self.policy_path))
+        self.plan_cache = self.state_path / "plan_cache.json"
+        self.work = self.state_path / "checkpoint"
+        self.name = self.policy.site or self.store_path.name
+        self.progress = progress
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None,
+                         progress: bool = False) -> "Site":
+        paths = site_paths(node_config, run_config)
+        return cls(paths["data"], paths["policy"], paths["state"], progress=progress)
+
+    def train(self, stage: str, server_round: int, run_id: str, config_yaml: str,
+              weights: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray] | None, dict, str | None]:
+        """One local pass of `stage` from the received global weights. Returns (new stage weights or None,
+        allowlisted metrics, refusal reason or None)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+        config = config_from_text(config_yaml)
+        plan = self.policy.stage(stage)
+        if plan.rounds < 1:
+            return None, {}, (f"{self.name}: the site's privacy policy plans no rounds for stage {stage}; "
+                              "not training it")
+        self._write_received(stage, config, weights)
+        try:
+            summary = self._pass(stage, config, server_round, plan.local_steps, run_id)
+        except (BudgetExceeded, PlanError) as exc:
+            return None, {}, str(exc)
+        new = {k: np.asarray(v) for k, v in load_file(str(Checkpoint(self.work).weights_path(stage))).items()}
+        metrics = {"num-examples": int(summary["patients"]), "patients": int(summary["patients"]),
+                   "records": int(summary["records_used"]), "loss": float(summary["loss"])}
+        if self.policy.private:
+            metrics.update(epsilon=float(summary["epsilon"]), delta=float(summary["delta"]))
+        check_reply(stage, config, new, metrics)
+        return new, metrics, None
+
+    def spent(self) -> float | None:
+        """Epsilon spent so far by this site (None for a non-private site)."""
+        return self.ledger.spent(self.policy) if self.policy.private else None
+
+    def _pass(self, stage: str, config: ExperimentConfig, server_round: int, steps: int, run_id: str) -> dict:
+        if self.policy.private:
+            from ecgtwin.train.private import private_pass
+
+            return private_pass(stage, config, self.store_path, self.work, self.policy, self.ledger,
+                                round=server_round, steps=steps, run=run_id, progress=self.progress,
+                                plan_cache=self.plan_cache)
+        from ecgtwin.train.runner import local_pass
+
+        return local_pass(stage, config, self.store_path, self.work, steps, round=server_round, progress=self.progress)
+
+    def _write_received(self, stage: str, config: ExperimentConfig,
+                        weights: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """The working checkpoint holds exactly the received global weights before the pass (a stage not
+        received starts fresh; weights of another model configuration are dropped)."""
+        checkpoint = Checkpoint(self.work)
+        if (self.work / "config.yaml").is_file() and to_dict(checkpoint.config().model) != to_dict(config.model):
+            for name in [*(f"{s}.safetensors" for s in STAGES), "config.yaml"]:
+                (self.work / name).unlink(missing_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        checkpoint.save_config(config)
+        needed = STAGES[: STAGES.index(stage)]
+        missing = [s for s in needed if s not in weights]
+        if missing:
+            raise ValueError(f"{self.name}: stage {stage} needs the trained {', '.join(missing)} weights; "
+                             "the server sent none")
+        for s in STAGES[: STAGES.index(stage) + 1]:
+            if s in weights and len(weights[s]):
+                checkpoint.save_weights(s, load_weights_into(build_module(s, config), weights[s]))
+            elif s == stage:
+                checkpoint.weights_path(s).unlink(missing_ok=True)
