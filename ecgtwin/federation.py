@@ -235,39 +235,56 @@ def write_metrics(out: str | Path, history: list[dict]) -> None:
 
 
 def plot_metrics(history: list[dict], png: str | Path) -> Path | None:
-    """Loss and epsilon of every site over the rounds of all stages (stage boundaries marked)."""
+    """Top: each stage's training loss per site over its rounds (one panel per stage, the losses of the
+    stages differ in scale). Bottom: epsilon spent per site over all rounds (stage boundaries marked)."""
     if not history:
         return None
     from ecgtwin import plot as _style  # noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, (ax_loss, ax_eps) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    stages = [s for s in STAGES if any(e["stage"] == s for e in history)]
     sites = sorted({s for e in history for s in e["sites"]} | {s for e in history for s in e["refused"]})
+    fig = plt.figure(figsize=(3.2 * max(2, len(stages)), 6))
+    grid = fig.add_gridspec(2, len(stages))
+    for col, stage in enumerate(stages):
+        ax = fig.add_subplot(grid[0, col])
+        entries = [e for e in history if e["stage"] == stage]
+        for site in sites:
+            points = [(e["round"], e["sites"][site].get("loss")) for e in entries if site in e["sites"]]
+            points = [(x, y) for x, y in points if _finite(y)]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=site)
+        ax.set_title(f"{stage}: training loss", fontsize=9)
+        ax.set_xlabel("round")
+        rounds = sorted({e["round"] for e in entries})
+        ax.set_xticks(rounds if len(rounds) <= 12 else rounds[:: max(1, len(rounds) // 10)])
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.grid(alpha=0.3)
+        if col == 0 and ax.lines:
+            ax.legend(fontsize=7)
+    ax = fig.add_subplot(grid[1, :])
     for site in sites:
-        xs, loss, eps = [], [], []
-        for x, e in enumerate(history, 1):
-            r = e["sites"].get(site)
-            if r is not None:
-                xs.append(x)
-                loss.append(r.get("loss", float("nan")))
-                eps.append(r.get("epsilon", float("nan")))
-        ax_loss.plot(xs, loss, marker="o", ms=3, lw=1.2, label=site)
-        if any(_finite(v) for v in eps):
-            ax_eps.plot(xs, eps, marker="o", ms=3, lw=1.2, label=site)
+        points = [(x, e["sites"][site].get("epsilon")) for x, e in enumerate(history, 1) if site in e["sites"]]
+        points = [(x, y) for x, y in points if _finite(y)]
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=site)
     previous = None
     for x, e in enumerate(history, 1):
         if e["stage"] != previous:
-            for ax in (ax_loss, ax_eps):
-                ax.axvline(x - 0.5, color="grey", lw=0.6, ls="--")
-            ax_loss.text(x - 0.4, 1.0, e["stage"], transform=ax_loss.get_xaxis_transform(), fontsize=8, va="bottom")
+            ax.axvline(x - 0.5, color="grey", lw=0.6, ls="--")
+            ax.text(x - 0.45, 0.02, e["stage"], transform=ax.get_xaxis_transform(), fontsize=8)
             previous = e["stage"]
-    ax_loss.set_ylabel("training loss (site)")
-    ax_eps.set_ylabel("epsilon spent (site)")
-    ax_eps.set_xlabel("round (all stages)")
-    for ax in (ax_loss, ax_eps):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
+        for site in e["refused"]:
+            ax.annotate("refused", (x, 0.95), xycoords=("data", "axes fraction"), fontsize=7, color="red",
+                        ha="center")
+    ax.set_ylabel("epsilon spent")
+    ax.set_xlabel("round (all stages)")
+    ax.set_xlim(0.4, len(history) + 0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -24,9 +24,9 @@ from ecgtwin.config import ExperimentConfig, to_dict
 from ecgtwin.federation import build_module, config_from_text, load_weights_into, model_shapes
 from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, ledger_path, load_policy
 
-# The only metrics a site ever sends: aggregate counts, the mean training loss of the pass, and its own
-# privacy accounting. Never a per-patient value.
-ALLOWED_METRICS = frozenset({"num-examples", "patients", "records", "loss", "epsilon", "delta"})
+# The only metrics a site ever sends: aggregate counts, the mean training loss of the pass, its own
+# privacy accounting, and a refusal flag. Never a per-patient value.
+ALLOWED_METRICS = frozenset({"num-examples", "patients", "records", "loss", "epsilon", "delta", "refused"})
 # The only config values a site ever sends: its name and, when it refuses, why.
 ALLOWED_CONFIG = frozenset({"site", "reason"})
 

@@ -1,0 +1,1 @@
+"""The ecgtwin Flower ClientApp (runs inside each hospital's SuperNode)."""

@@ -1,0 +1,65 @@
+"""ecgtwin ClientApp: one local (DP) pass of a stage at this site, per train message.
+
+The node config of the SuperNode says where the site's data and policy are (data-path, policy-path,
+optional state-path); in simulation the paths come from the partition-id and the run config's sites-root.
+The site's own policy decides steps and noise (ecgtwin.site.Site); the server only sends weights, the stage,
+the round, the run name and the experiment config. Every reply passes ecgtwin.site.check_reply: arrays
+whose names and shapes are the model's, and allowlisted aggregate metrics, nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from ecgtwin.checkpoint import STAGES
+from ecgtwin.federation import config_from_text
+from ecgtwin.site import Site, check_reply
+
+
+def make_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; `run_config` fills in run-config keys the context lacks (flwr.simulation.run_simulation
+    gives the apps an empty run config)."""
+    app = ClientApp()
+    defaults = dict(run_config or {})
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = _site(context, defaults)
+        stage, server_round, run_id, config_yaml, weights = _read(msg)
+        new, metrics, refusal = site.train(stage, server_round, run_id, config_yaml, weights)
+        return Message(reply_content(stage, config_yaml, site.name, new, metrics, refusal), reply_to=msg)
+
+    return app
+
+
+def reply_content(stage: str, config_yaml: str, site: str, new: Mapping | None, metrics: Mapping,
+                  refusal: str | None) -> RecordDict:
+    """The whole reply: checked against the allowlist right before it is built."""
+    config = config_from_text(config_yaml)
+    if refusal is not None:
+        info = {"site": site, "reason": refusal}
+        check_reply(stage, config, None, {"refused": 1}, info)
+        return RecordDict({"metrics": MetricRecord({"refused": 1}), "info": ConfigRecord(info)})
+    info = {"site": site}
+    check_reply(stage, config, new, metrics, info)
+    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
+                       "metrics": MetricRecord(dict(metrics)), "info": ConfigRecord(info)})
+
+
+def _site(context: Context, defaults: Mapping[str, Any]) -> Site:
+    run_config = {**defaults, **dict(context.run_config)}
+    return Site.from_node_config(dict(context.node_config), run_config)
+
+
+def _read(msg: Message) -> tuple[str, int, str, str, dict]:
+    content = msg.content
+    config = content["config"]
+    stage = str(config["stage"])
+    weights = {s: {k: a.numpy() for k, a in content[s].items()} for s in STAGES if s in content.array_records}
+    return stage, int(config["round"]), str(config["run-id"]), str(config["config-yaml"]), weights
+
+
+app = make_app()

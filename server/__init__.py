@@ -1,0 +1,1 @@
+"""The ecgtwin Flower ServerApp (runs on the coordinator's SuperLink)."""

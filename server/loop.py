@@ -1,0 +1,182 @@
+"""The federation loop: for stage in vae, ibe, twin; for each round: send, collect, filter, aggregate,
+checkpoint. The state it keeps and writes lives in ecgtwin.federation (no Flower there)."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
+
+from ecgtwin.checkpoint import STAGES
+from ecgtwin.federation import (FederationError, FederationSettings, RunState, config_text, initial_weights,
+                                model_shapes, open_run, round_entry, save_global_model, write_metrics,
+                                write_status)
+from ecgtwin.site import ALLOWED_METRICS
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the FAB (or repository) root: relative config paths
+
+
+def make_strategy(settings: FederationSettings) -> FedAvg:
+    common = dict(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_evaluate_nodes=0,
+                  min_available_nodes=1, weighted_by_key="num-examples", arrayrecord_key="arrays")
+    if settings.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=settings.proximal_mu)
+    if settings.strategy == "fedadam":
+        return FedAdam(**common, eta=settings.server_lr)
+    if settings.strategy == "fedmedian":
+        return FedMedian(**common)
+    if settings.strategy == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=settings.trim_beta)
+    return FedAvg(**common)
+
+
+def run_federation(grid: Grid, run_config: Mapping[str, Any], flower_run_id: int | None = None) -> Path:
+    settings = FederationSettings.from_run_config(run_config)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        model = _run(grid, settings, out)
+    except Exception as exc:
+        write_status(out, "failed", f"{type(exc).__name__}: {exc}", flower_run_id=flower_run_id,
+                     traceback=traceback.format_exc())
+        log(WARNING, "ecgtwin federation failed: %s", exc)
+        raise
+    write_status(out, "finished", f"global model in {model}", flower_run_id=flower_run_id, model=str(model))
+    return model
+
+
+def _run(grid: Grid, settings: FederationSettings, out: Path) -> Path:
+    config = settings.load_config(APP_DIR)
+    text = config_text(config)
+    state, resumed = open_run(out, settings, config)
+    write_status(out, "running", f"resumed after {state.last()}" if resumed else "started")
+    if resumed:
+        log(INFO, "ecgtwin: resuming %s from its checkpoint: rounds done %s", out, state.completed)
+    for stage in STAGES:
+        rounds = settings.rounds(stage)
+        if rounds == 0:
+            continue
+        if stage not in state.weights:
+            state.weights[stage] = initial_weights(stage, config)
+        shapes = model_shapes(stage, config)
+        strategy = make_strategy(settings)
+        if isinstance(strategy, FedAdam) and stage in state.moments:
+            strategy.m_t = state.moments[stage].get("m") or None
+            strategy.v_t = state.moments[stage].get("v") or None
+        for rnd in range(1, rounds + 1):
+            if state.done(stage, rnd):
+                continue
+            _round(grid, settings, state, stage, rnd, text, shapes, strategy)
+            if isinstance(strategy, FedAdam):
+                state.moments[stage] = {"m": dict(strategy.m_t or {}), "v": dict(strategy.v_t or {})}
+            state.completed.append((stage, rnd))
+            state.save(out)  # atomic: the round is done only once this file is replaced
+            write_metrics(out, state.history)
+    trained = [s for s in STAGES if s in state.weights]
+    model = save_global_model(out / "model", config, {s: state.weights[s] for s in trained})
+    log(INFO, "ecgtwin: global model (%s) saved to %s", ", ".join(trained), model)
+    return model
+
+
+def _round(grid: Grid, settings: FederationSettings, state: RunState, stage: str, rnd: int, text: str,
+           shapes: dict, strategy: FedAvg) -> None:
+    started = time.perf_counter()
+    nodes = _wait_for_nodes(grid, settings.min_nodes, settings.node_wait)
+    content = RecordDict({s: ArrayRecord({k: Array(v) for k, v in state.weights[s].items()})
+                          for s in STAGES[: STAGES.index(stage) + 1]})
+    config = {"stage": stage, "round": rnd, "run-id": settings.run_name, "config-yaml": text}
+    if settings.strategy == "fedprox":
+        config["proximal-mu"] = settings.proximal_mu
+    content["config"] = ConfigRecord(config)
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=f"{stage}-{rnd}")
+                for n in nodes]
+    log(INFO, "ecgtwin: %s round %d/%d: sending to %d sites", stage, rnd, settings.rounds(stage), len(nodes))
+    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    accepted, reports, refused, failed = [], [], {}, []
+    answered = {r.metadata.src_node_id for r in replies}
+    failed += [f"node {n}: no reply within {settings.round_timeout:g} s" for n in nodes if n not in answered]
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failed.append(f"node {node}: {reply.error.reason.strip().splitlines()[-1] if reply.error.reason else reply.error.code}")
+            continue
+        site = str(reply.content["info"]["site"]) if "info" in reply.content.config_records else f"node {node}"
+        metrics = dict(reply.content["metrics"]) if "metrics" in reply.content.metric_records else {}
+        if metrics.get("refused"):
+            refused[site] = str(reply.content["info"].get("reason", "no reason given"))
+            continue
+        problem = _check(reply, shapes, metrics)
+        if problem:
+            failed.append(f"{site} (node {node}): reply dropped: {problem}")
+            continue
+        accepted.append(reply)
+        reports.append({"site": site, "node_id": node, **metrics})
+    for site, reason in refused.items():
+        log(WARNING, "ecgtwin: %s refused %s round %d: %s", site, stage, rnd, reason)
+    for problem in failed:
+        log(WARNING, "ecgtwin: %s round %d: %s", stage, rnd, problem)
+    if len(accepted) < settings.min_nodes:
+        raise FederationError(
+            f"{stage} round {rnd}: only {len(accepted)} of {len(nodes)} sites returned weights, fewer than "
+            f"min-nodes {settings.min_nodes} (refused: {refused or 'none'}; failed: {failed or 'none'}); the "
+            f"checkpoint holds the last completed round, restart to resume")
+    state.weights[stage] = _aggregate(strategy, rnd, state.weights[stage], accepted)
+    entry = round_entry(stage, rnd, reports, refused, failed, time.perf_counter() - started, settings.strategy)
+    state.history.append(entry)
+    log(INFO, "ecgtwin: %s round %d done in %.1f s: %d sites, mean loss %s, epsilon %s", stage, rnd,
+        entry["seconds"], len(accepted), entry["loss"],
+        {s: round(r["epsilon"], 3) for s, r in entry["sites"].items() if "epsilon" in r} or "n/a")
+
+
+def _check(reply: Message, shapes: dict, metrics: dict) -> str | None:
+    """The server's own check of a site's reply (the site checks before sending, too)."""
+    if "arrays" not in reply.content.array_records:
+        return "no weights"
+    arrays = reply.content["arrays"]
+    if set(arrays.keys()) != set(shapes):
+        return "array names are not the model's"
+    for name, array in arrays.items():
+        value = array.numpy()
+        if tuple(value.shape) != tuple(shapes[name]):
+            return f"{name}: shape {value.shape} is not the model's {shapes[name]}"
+        if not np.all(np.isfinite(value)):
+            return f"{name}: non-finite weights"
+    unknown = sorted(set(metrics) - ALLOWED_METRICS)
+    if unknown:
+        return f"metrics outside the allowlist: {unknown}"
+    if not metrics.get("num-examples", 0) > 0:
+        return "num-examples missing or 0"
+    return None
+
+
+def _aggregate(strategy: FedAvg, rnd: int, current: dict, replies: list[Message]) -> dict:
+    """The strategy's aggregate_train on the accepted replies, reduced to weights and the weighting count."""
+    for reply in replies:
+        reply.content = RecordDict({"arrays": reply.content["arrays"],
+                                    "metrics": MetricRecord({"num-examples": reply.content["metrics"]["num-examples"]})})
+    if hasattr(strategy, "current_arrays"):  # FedOpt family: the server optimiser steps from the global weights
+        strategy.current_arrays = {k: np.asarray(v) for k, v in current.items()}
+    arrays, _ = strategy.aggregate_train(rnd, replies)
+    if arrays is None:
+        raise FederationError(f"round {rnd}: the strategy aggregated nothing")
+    return {k: np.asarray(a.numpy(), dtype=current[k].dtype) for k, a in arrays.items()}
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, wait: float) -> list[int]:
+    deadline = time.monotonic() + wait
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if len(nodes) < minimum:
+        raise FederationError(f"only {len(nodes)} SuperNodes connected after {wait:g} s, min-nodes is {minimum}")
+    return nodes
