@@ -56,9 +56,13 @@ def plan_budget(policy: PrivacyPolicy, n_patients: int, where: str = "") -> list
     for s in free:
         if fractions[s] <= 0:
             raise PlanError(f"{where}: stage {s} has no budget left (budget_fraction of the others sums to 1)")
-    sigma0 = {s: get_noise_multiplier(target_epsilon=policy.epsilon * fractions[s], target_delta=policy.delta,
-                                      sample_rate=rates[s], steps=steps[s], accountant="rdp",
-                                      epsilon_tolerance=0.01) for s in free}
+    try:
+        sigma0 = {s: get_noise_multiplier(target_epsilon=policy.epsilon * fractions[s], target_delta=policy.delta,
+                                          sample_rate=rates[s], steps=steps[s], accountant="rdp",
+                                          epsilon_tolerance=0.01) for s in free}
+    except ValueError as exc:  # Opacus: "The privacy budget is too low" (sigma beyond its search range)
+        raise PlanError(f"{where}: the budget epsilon {policy.epsilon:g} is too small for the planned steps "
+                        f"({exc}); plan fewer rounds or steps, smaller batches, or a larger budget") from exc
 
     def composed(scale: float) -> float:
         sigma = {**fixed, **{s: scale * sigma0[s] for s in free}}

@@ -1,0 +1,323 @@
+"""Privacy per patient: the policy, the accountant against an independent one, budget planning and
+enforcement across restarts, per-patient clipping measured on the gradients, and the IBE's DP
+objective whose per-patient gradient does not depend on the other patients."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+from opacus import GradSampleModule
+
+from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.cli import main
+from ecgtwin.config import ConfigError, load_config
+from ecgtwin.data.prepare import prepare_store
+from ecgtwin.data.store import SiteStore
+from ecgtwin.data.synthetic import synthesize_consortium
+from ecgtwin.models import IndividualBaseExtractor, info_nce
+from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, PrivacyPolicy, epsilon_of, load_policy, plan_budget
+from ecgtwin.privacy.policy import StagePlan, StagePlans
+from ecgtwin.train import private
+from ecgtwin.train.data import training_rows
+from ecgtwin.train.stages import ibe_private_loss
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+SCHEDULES = [  # (noise multiplier, sampling rate, steps) per release: heterogeneous, as stages and rounds are
+    [(1.1, 0.01, 1000)],
+    [(1.1, 0.01, 1000), (0.8, 0.05, 300), (2.0, 0.2, 100)],
+    [(0.9, 0.25, 40), (1.3, 0.25, 40), (1.3, 0.25, 40)],
+]
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("privacy")
+    synthesize_consortium(root / "raw", sites=1, patients_per_site=12, records_per_patient=3, seed=11, fs=250.0)
+    prepare_store("synthetic", root / "raw", root / "store", on_reject=lambda r: None)
+    return root / "store"
+
+
+def policy(**overrides) -> PrivacyPolicy:
+    stages = overrides.pop("stages", StagePlans(vae=StagePlan(rounds=1, local_steps=3, batch_patients=4),
+                                                ibe=StagePlan(rounds=1, local_steps=3, batch_patients=4),
+                                                twin=StagePlan(rounds=1, local_steps=3, batch_patients=4)))
+    settings = {"site": "test_site", "epsilon": 8.0, "delta": 1e-3, "accountant": "rdp", "seed": 0, **overrides}
+    return PrivacyPolicy(stages=stages, **settings)
+
+
+# -- the policy file -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("epsilon: 0\n", "epsilon: must be > 0"),
+    ("epsilon: -3\n", "epsilon: must be > 0"),
+    ("delta: 1.5\n", "delta: must be in (0, 1)"),
+    ("accountant: moments\n", "accountant: must be one of prv, rdp"),
+    ("noise: 1.0\n", "noise: unknown key"),
+    ("stages: {vae: {rounds: 1, local_steps: 0}}\n", "stages.vae: local_steps: must be >= 1"),
+    ("stages: {vae: {budget_fraction: 0.7}, ibe: {budget_fraction: 0.7}}\n", "budget_fraction values sum to 1.4"),
+])
+def test_policy_errors_name_the_file_and_the_key(tmp_path, text, message):
+    path = tmp_path / "privacy.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_policy(path)
+    assert str(path) in str(error.value) and message in str(error.value)
+
+
+def test_delta_must_be_below_one_over_patients():
+    with pytest.raises(ValueError, match=r"delta 0.1 must be < 1/patients = 1/20"):
+        plan_budget(policy(delta=0.1), n_patients=20, where="site")
+    plan_budget(policy(delta=0.01), n_patients=20)  # fine
+
+
+# -- the accountant against an independent one -------------------------------------------------------
+
+def independent_epsilon(schedule, delta: float, kind: str) -> float:
+    """Google's dp-accounting: RDP (as Opacus' RDP) or privacy-loss distributions (as Opacus' PRV)."""
+    accountant = (rdp_privacy_accountant.RdpAccountant() if kind == "rdp"
+                  else pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4))
+    for sigma, q, steps in schedule:
+        accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("kind", ["rdp", "prv"])
+def test_epsilon_agrees_with_dp_accounting_within_5_percent(schedule, kind):
+    ours = epsilon_of(schedule, 1e-5, kind)
+    theirs = independent_epsilon(schedule, 1e-5, kind)
+    assert ours == pytest.approx(theirs, rel=0.05), (ours, theirs)
+
+
+def test_ledger_epsilon_is_the_composition_of_its_releases(tmp_path):
+    ledger, pol = Ledger(tmp_path / "ledger.jsonl"), policy(epsilon=50.0)
+    for i, (sigma, q, steps) in enumerate(SCHEDULES[1]):
+        entry = ledger.charge(pol, "vae", i + 1, steps, q, sigma, patients=100)
+    assert entry["epsilon"] == pytest.approx(independent_epsilon(SCHEDULES[1], pol.delta, "rdp"), rel=0.05)
+    assert Ledger(tmp_path / "ledger.jsonl").spent(pol) == pytest.approx(entry["epsilon"])  # a new process
+
+
+# -- planning ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_plan_spends_the_budget_over_all_stages(accountant):
+    pol = policy(accountant=accountant, stages=StagePlans(
+        vae=StagePlan(rounds=3, local_steps=20, batch_patients=16, budget_fraction=0.5),
+        ibe=StagePlan(rounds=2, local_steps=10, batch_patients=16),
+        twin=StagePlan(rounds=3, local_steps=40, batch_patients=16)))
+    stages = plan_budget(pol, n_patients=200)
+    assert [s.stage for s in stages] == ["vae", "ibe", "twin"]
+    composed = independent_epsilon([s.mechanism() for s in stages], pol.delta, accountant)
+    assert composed == pytest.approx(pol.epsilon, rel=0.05)
+    assert composed <= pol.epsilon * 1.05
+    assert stages[-1].epsilon_after == pytest.approx(pol.epsilon, rel=0.01)
+    assert all(s.noise_multiplier > 0.3 for s in stages)
+
+
+def test_plan_refuses_a_budget_it_cannot_meet():
+    tiny = policy(epsilon=0.05, stages=StagePlans(twin=StagePlan(rounds=50, local_steps=100, batch_patients=32)))
+    with pytest.raises(PlanError, match="too small for the planned steps"):
+        plan_budget(tiny, n_patients=64)
+    fixed = policy(stages=StagePlans(vae=StagePlan(rounds=10, local_steps=100, batch_patients=32,
+                                                   noise_multiplier=0.5)))
+    with pytest.raises(PlanError, match="alone spend epsilon"):
+        plan_budget(fixed, n_patients=64)
+
+
+def test_cli_privacy_plan(store, tmp_path, capsys):
+    path = tmp_path / "privacy.yaml"
+    path.write_text("site: a\nepsilon: 4\ndelta: 0.001\naccountant: rdp\n"
+                    "stages: {vae: {rounds: 2, local_steps: 5, batch_patients: 4}, ibe: {rounds: 0}, "
+                    "twin: {rounds: 1, local_steps: 5, batch_patients: 4}}\n")
+    assert main(["privacy", "plan", "--policy", str(path), "--store", str(store), "--json"]) == 0
+    import json
+    report = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in report["stages"]] == ["vae", "twin"]
+    assert report["expected_epsilon"] == pytest.approx(4.0, rel=0.01)
+    path.write_text("epsilon: 4\ndelta: 0.5\n")
+    assert main(["privacy", "plan", "--policy", str(path), "--store", str(store)]) == 1
+    assert "delta 0.5 must be < 1/patients" in capsys.readouterr().err
+
+
+# -- per-patient gradients ---------------------------------------------------------------------------
+
+def per_patient_grads(model, loss_of_rows) -> torch.Tensor:
+    """Flattened per-patient gradients [U, P] via Opacus hooks + the grouping private.py uses."""
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    losses, row_unit = loss_of_rows()
+    losses.sum().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    private.group_grad_samples(params, row_unit, int(row_unit.max()) + 1)
+    out = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
+    gsm._close()
+    for p in params:
+        p.grad, p.grad_sample = None, None
+    return out
+
+
+def ibe_batch(b: int, m: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    config = load_config(CONFIG).model.ibe
+    rows = lambda n: (torch.randn(n, config.latent_channels, config.n_tokens, generator=g),  # noqa: E731
+                      torch.randn(n, 3, config.cond_dim, generator=g), torch.ones(n, 3, dtype=torch.bool))
+    return rows(b), rows(b), rows(b * m)
+
+
+def replace_patient(batch, j: int, seed: int):
+    """The same batch with patient j's ECGs (and condition tokens) replaced by others."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for latents, tokens, mask in batch[:2]:
+        latents, tokens = latents.clone(), tokens.clone()
+        latents[j] = torch.randn(latents[j].shape, generator=g) * 3
+        tokens[j] = torch.randn(tokens[j].shape, generator=g)
+        out.append((latents, tokens, mask))
+    return (*out, batch[2])
+
+
+def test_ibe_dp_objective_per_patient_gradient_ignores_other_patients():
+    torch.manual_seed(0)
+    ibe = IndividualBaseExtractor(load_config(CONFIG).model.ibe)
+    b, m = 4, 3
+    batch = ibe_batch(b, m, seed=1)
+    changed = replace_patient(batch, j=2, seed=2)
+
+    def dp_loss(data):
+        def rows():
+            unit = torch.arange(b)
+            return ibe_private_loss(ibe, *data, temperature=0.1), torch.cat([unit, unit, unit.repeat_interleave(m)])
+        return rows
+
+    before, after = per_patient_grads(ibe, dp_loss(batch)), per_patient_grads(ibe, dp_loss(changed))
+    for i in (0, 1, 3):
+        torch.testing.assert_close(after[i], before[i], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(after[2], before[2], rtol=1e-3)  # patient 2 itself did change
+
+    def nce_loss(data):  # the paper's InfoNCE: every patient is a negative of every other
+        def rows():
+            ref, tgt = data[0], data[1]
+            base = ibe(torch.cat([ref[0], tgt[0]]), torch.cat([ref[1], tgt[1]]), torch.cat([ref[2], tgt[2]]))
+            unit = torch.arange(b)
+            return info_nce(base[:b], base[b:], 0.1)[None], torch.cat([unit, unit])
+        return rows
+
+    before, after = per_patient_grads(ibe, nce_loss(batch)), per_patient_grads(ibe, nce_loss(changed))
+    moved = (after[0] - before[0]).norm() / before[0].norm()
+    assert moved > 1e-2, "InfoNCE couples patients: this test must be able to tell"
+
+
+@pytest.mark.parametrize("mode, records", [("hooks", 3), ("functorch", 3), ("ghost", 1)])
+def test_clipping_bounds_each_patients_contribution(store, tmp_path, mode, records):
+    """Remove patient j from a step (noise off): the update direction moves by exactly C / E, however
+    many records patient j has and however extreme they are; per-record clipping would allow k * C."""
+    config = load_config(CONFIG)
+    pol = policy(max_grad_norm=0.01, records_per_patient=records, grad_sample_mode=mode)
+    s = SiteStore(store)
+    rows = training_rows(s, config.data.held_out_fraction, 0)
+    extreme = np.array(s.signals[rows]) * 1.0
+    units = private._units_by_patient(s, rows)
+    j = 3  # last in the batch: the VAE's sampling noise of the others is then the same in both runs
+    extreme[units[j]] *= 25.0  # an outlier patient
+
+    def grads(picks) -> torch.Tensor:
+        torch.manual_seed(0)
+        built = private._vae(config, s, rows, Checkpoint(tmp_path / "c"), pol)
+        built.unit_loss = _with_signals(built, config, extreme)
+        step = private._make_step(built, pol, config.vae, expected_batch=4.0, sigma=0.0,
+                                  generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(1)  # the VAE's reparameterisation noise: the same in both runs
+        step(picks, 0)
+        return torch.cat([p.grad.flatten() for p in built.module.parameters()])
+
+    picks = [units[u][:records] for u in range(4)]
+    with_j, without_j = grads(picks), grads(picks[:j] + picks[j + 1:])
+    contribution = (with_j - without_j).norm().item() * 4.0  # times expected batch size E
+    assert contribution == pytest.approx(pol.max_grad_norm, rel=1e-3)
+
+
+def _with_signals(built, config, signals: np.ndarray):
+    """The VAE stage's unit loss, on signals with an outlier patient."""
+    from ecgtwin.models import kl_weight_at
+    from ecgtwin.train.stages import vae_batch_loss
+
+    x = torch.from_numpy(signals.astype(np.float32))
+
+    def unit_loss(picks, generator, step):
+        index, unit = private._flatten(picks)
+        loss = vae_batch_loss(built.module, x[index], kl_weight_at(step, 100, 1e-4))
+        return private._per_unit_mean(loss, unit, len(picks)), unit
+
+    return unit_loss
+
+
+# -- budget enforcement across stages and restarts ----------------------------------------------------
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def test_all_stages_train_under_one_budget_and_a_pass_beyond_it_is_refused(store, tmp_path):
+    config = load_config(CONFIG)
+    pol, ledger = policy(), Ledger(tmp_path / "site" / "ledger.jsonl")
+    ckpt = tmp_path / "ckpt"
+    summaries = [private.private_pass(stage, config, store, ckpt, pol, ledger, round=1, progress=False)
+                 for stage in ("vae", "ibe", "twin")]
+    spent = [s["epsilon"] for s in summaries]
+    assert spent == sorted(spent) and spent[-1] <= pol.epsilon
+    assert spent[-1] == pytest.approx(pol.epsilon, rel=0.01)  # the plan spends the whole budget
+    assert [e["stage"] for e in ledger.entries()] == ["vae", "ibe", "twin"]
+    assert all(Checkpoint(ckpt).has(stage) for stage in ("vae", "ibe", "twin"))
+    assert (ckpt / "public-negatives" / "manifest.json").is_file()
+
+    # one round more than planned: refused, nothing trained, ledger unchanged
+    ledger_before, weights_before = digest(ledger.path), digest(Checkpoint(ckpt).weights_path("twin"))
+    with pytest.raises(BudgetExceeded, match=r"spent epsilon 7\.9\d* of 8 .*asked twin round 2"):
+        private.private_pass("twin", config, store, ckpt, pol, ledger, round=2, progress=False)
+    assert digest(ledger.path) == ledger_before
+    assert digest(Checkpoint(ckpt).weights_path("twin")) == weights_before
+
+    # a restarted process (a new Ledger on the same file) remembers, and refuses as well
+    with pytest.raises(BudgetExceeded):
+        private.private_pass("vae", config, store, ckpt, pol, Ledger(tmp_path / "site" / "ledger.jsonl"),
+                             round=2, progress=False)
+    assert digest(ledger.path) == ledger_before
+
+
+def test_cli_train_with_policy_and_ledger(store, tmp_path, capsys):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "privacy.yaml").write_text(
+        "site: a\nepsilon: 3\ndelta: 0.001\naccountant: rdp\nseed: 0\n"
+        "stages: {vae: {rounds: 2, local_steps: 2, batch_patients: 4}, ibe: {rounds: 0}, twin: {rounds: 0}}\n")
+    args = ["train", "--config", str(CONFIG), "--stage", "vae", "--store", str(store), "--out", str(tmp_path / "c"),
+            "--policy", str(site / "privacy.yaml"), "--no-progress"]
+    assert main(args) == 0
+    assert main(["privacy", "ledger", "--site", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("vae round") == 2 and "epsilon=3.0" in out.replace("epsilon=2.99", "epsilon=3.0")
+    assert (site / "ledger.png").stat().st_size > 10_000
+    assert main(args) == 1  # the budget is spent: refused with the figures
+    assert "privacy budget refused: spent epsilon" in capsys.readouterr().err
+
+
+def test_damaged_ledger_is_refused_not_guessed(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text('{"stage": "vae"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        Ledger(path).spent(policy())
