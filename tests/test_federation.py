@@ -1,0 +1,446 @@
+"""Federation: the site's side (refusals, the reply allowlist, what a message carries), the server loop
+(aggregation, refusals, too few sites, checkpoint and resume) on an in-process grid, a real simulation
+in Flower's engine, and a real TLS deployment with SuperNode authentication on loopback.
+
+Everything runs on a tiny consortium (3 sites x 8 patients x 3 records, 256 samples per record, a tiny
+model, fixed noise multipliers so that planning takes no time) with 1 round per stage and 2 local steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ecgtwin.config import load_config, save_config
+from ecgtwin.data.prepare import prepare_store
+from ecgtwin.data.preprocess import PreprocessConfig
+from ecgtwin.data.synthetic import synthesize_consortium
+from ecgtwin.federation import (FederationError, RunState, config_text, initial_weights, model_shapes,
+                                read_status)
+from ecgtwin.privacy import Ledger
+from ecgtwin.site import ALLOWED_CONFIG, ALLOWED_METRICS, ReplyRejected, Site, check_reply
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+N_SAMPLES = 256
+SITES = ("site_a", "site_b", "site_c")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def tiny_config():
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.data.n_samples = N_SAMPLES
+    config.model.vae.base_channels = 8
+    for model in (config.model.ibe, config.model.dit):
+        model.n_tokens, model.width, model.depth, model.heads, model.base_dim = N_SAMPLES // 8, 48, 1, 2, 32
+    return config
+
+
+def policy(**overrides) -> dict:
+    stages = {s: {"rounds": 1, "local_steps": 2, "batch_patients": 4, "noise_multiplier": 1.0}
+              for s in ("vae", "ibe", "twin")}
+    return {"epsilon": 50.0, "delta": 1e-3, "accountant": "rdp", "seed": 1, "stages": stages, **overrides}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Sites train with one thread each (as in the simulation engine): on a shared 2-core machine torch's
+    thread pool makes a DP step 50x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory) -> dict:
+    """<root>/sites/<site>/{store, privacy.yaml} (no state yet) and the tiny experiment config."""
+    root = tmp_path_factory.mktemp("federation")
+    synthesize_consortium(root / "raw", sites=3, patients_per_site=8, records_per_patient=3, seed=3, progress=False)
+    for site in SITES:
+        prepare_store("synthetic", root / "raw" / site, root / "sites" / site / "store",
+                      config=PreprocessConfig(n_samples=N_SAMPLES), progress=False)
+        (root / "sites" / site / "privacy.yaml").write_text(yaml.safe_dump(policy(site=site)))
+    config = tiny_config()
+    save_config(config, root / "tiny.yaml")
+    return {"root": root, "sites": root / "sites", "config": config, "config_path": root / "tiny.yaml"}
+
+
+@pytest.fixture
+def sites(consortium, tmp_path) -> Path:
+    """A fresh copy of the sites (stores shared by link, policies copied, no ledgers)."""
+    for site in SITES:
+        (tmp_path / "sites" / site).mkdir(parents=True)
+        os.symlink(consortium["sites"] / site / "store", tmp_path / "sites" / site / "store")
+        shutil.copy(consortium["sites"] / site / "privacy.yaml", tmp_path / "sites" / site / "privacy.yaml")
+    return tmp_path / "sites"
+
+
+def open_site(sites: Path, name: str) -> Site:
+    return Site(sites / name / "store", sites / name / "privacy.yaml", sites / name / "state")
+
+
+def global_weights(config, upto: str) -> dict:
+    stages = ("vae", "ibe", "twin")
+    return {s: initial_weights(s, config) for s in stages[: stages.index(upto) + 1]}
+
+
+# --------------------------------------------------------------------------------------------------------
+# the site
+
+
+def test_site_trains_with_its_own_steps_and_refuses_beyond_its_budget(consortium, sites):
+    config = consortium["config"]
+    vae_only = policy(site="site_a")
+    vae_only["stages"]["ibe"]["rounds"] = vae_only["stages"]["twin"]["rounds"] = 0
+    (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(vae_only))
+    site = open_site(sites, "site_a")
+    new, metrics, refusal = site.train("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
+    assert refusal is None and set(metrics) == {"num-examples", "patients", "records", "loss", "epsilon", "delta"}
+    assert {k: v.shape for k, v in new.items()} == model_shapes("vae", config)
+    assert any(not np.array_equal(new[k], v) for k, v in initial_weights("vae", config).items())
+    ledger = Ledger(sites / "site_a" / "state" / "ledger.jsonl")
+    assert [(e["stage"], e["round"], e["steps"], e["run"]) for e in ledger.entries()] == [("vae", 1, 2, "run-1")]
+
+    # the privacy officer lowers the budget to what is spent: the next round is refused, nothing is charged
+    vae_only["epsilon"] = ledger.entries()[-1]["epsilon"] * 1.001
+    (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(vae_only))
+    before = ledger.path.read_bytes()
+    new, metrics, refusal = open_site(sites, "site_a").train("vae", 2, "run-1", config_text(config),
+                                                             global_weights(config, "vae"))
+    assert new is None and metrics == {}
+    assert "privacy budget refused" in refusal and "vae round 2" in refusal
+    assert ledger.path.read_bytes() == before
+
+    # a stage the policy plans no rounds for is refused before anything is read or charged
+    no_twin = policy(site="site_b")
+    no_twin["stages"]["twin"]["rounds"] = 0
+    (sites / "site_b" / "privacy.yaml").write_text(yaml.safe_dump(no_twin))
+    new, _, refusal = open_site(sites, "site_b").train("twin", 1, "run-1", config_text(config),
+                                                       global_weights(config, "twin"))
+    assert new is None and "plans no rounds for stage twin" in refusal
+    assert not (sites / "site_b" / "state" / "ledger.jsonl").exists()
+
+
+def test_reply_allowlist(consortium):
+    config = consortium["config"]
+    good = initial_weights("ibe", config)
+    metrics = {"num-examples": 7, "patients": 7, "records": 9, "loss": 1.5, "epsilon": 2.0, "delta": 1e-3}
+    check_reply("ibe", config, good, metrics, {"site": "site_a"})
+    name = next(iter(good))
+    bad_cases = [
+        ({**good, "patient_latent": np.zeros((4, 32), np.float32)}, metrics, None, "unexpected"),
+        ({k: v for k, v in good.items() if k != name}, metrics, None, "missing"),
+        ({**good, name: np.zeros((*good[name].shape, 1), np.float32)}, metrics, None, "shape"),
+        ({**good, name: good[name].astype(np.int64)}, metrics, None, "dtype"),
+        (good, {**metrics, "hr_mean": 71.0}, None, "allowlist"),
+        (good, {**metrics, "loss": [1.0, 2.0]}, None, "single number"),
+        (good, metrics, {"site": "site_a", "patients": "p0001,p0002"}, "allowlist"),
+    ]
+    for arrays, m, info, message in bad_cases:
+        with pytest.raises(ReplyRejected, match=message):
+            check_reply("ibe", config, arrays, m, info)
+
+
+@pytest.fixture
+def flower_identity():
+    """Messages built outside a Flower runtime need a task identity (set by the runtime otherwise)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def inspect_reply(content, config, stage: str, store_patients: list[str]) -> None:
+    """What may leave a site: the stage model's tensors, allowlisted numbers, the site name and a reason."""
+    shapes = model_shapes(stage, config)
+    latent = (config.model.vae.latent_channels, N_SAMPLES // 8)
+    for record_name, record in content.array_records.items():
+        assert record_name == "arrays"
+        for name, array in record.items():
+            value = array.numpy()
+            assert name in shapes and value.shape == shapes[name], name
+            assert value.dtype == np.float32
+            # nothing shaped like a signal, a batch of signals or a latent of a patient
+            assert not (value.ndim >= 2 and value.shape[-2:] in {(12, N_SAMPLES), latent}), name
+    for record in content.metric_records.values():
+        assert set(record) <= ALLOWED_METRICS
+        assert all(isinstance(v, (int, float)) for v in record.values())
+    for record in content.config_records.values():
+        assert set(record) <= ALLOWED_CONFIG
+        for value in record.values():
+            assert not any(p in str(value) for p in store_patients), value
+
+
+def test_client_messages_carry_only_weights_and_allowlisted_metrics(consortium, sites, flower_identity):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from client.app import make_app
+
+    from ecgtwin.data.store import SiteStore
+
+    config = consortium["config"]
+    app = make_app()
+    patients = list(SiteStore(sites / "site_a" / "store").patients)
+    node_config = {"data-path": str(sites / "site_a" / "store"), "policy-path": str(sites / "site_a" / "privacy.yaml"),
+                   "state-path": str(sites / "site_a" / "state")}
+    weights = global_weights(config, "twin")
+    for stage in ("vae", "ibe", "twin"):
+        content = RecordDict({s: ArrayRecord({k: Array(v) for k, v in weights[s].items()})
+                              for s in ("vae", "ibe", "twin")[: ("vae", "ibe", "twin").index(stage) + 1]})
+        content["config"] = ConfigRecord({"stage": stage, "round": 1, "run-id": "t", "config-yaml": config_text(config)})
+        message = Message(content, dst_node_id=7, message_type="train")
+        context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+        reply = app(message, context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        inspect_reply(reply.content, config, stage, patients)
+        assert reply.content["metrics"]["num-examples"] > 0 and "epsilon" in reply.content["metrics"]
+        weights[stage] = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    # a refusal carries no arrays at all, only the flag and the reason
+    spent = Ledger(sites / "site_a" / "state" / "ledger.jsonl").entries()[-1]["epsilon"]
+    (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(policy(site="site_a", epsilon=spent * 1.001)))
+    reply = app(message, context)
+    assert len(reply.content.array_records) == 0
+    assert reply.content["metrics"]["refused"] == 1 and "budget" in reply.content["info"]["reason"]
+    inspect_reply(reply.content, config, "twin", patients)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the server loop on an in-process grid (no Ray, no sockets)
+
+
+class LocalGrid:
+    """A Grid whose nodes run the real ClientApp in this process; `fail` makes nodes error or crash."""
+
+    def __init__(self, sites: Path, fail=None):
+        from client.app import make_app
+
+        self.app = make_app()
+        self.nodes = {100 + i: s for i, s in enumerate(SITES)}
+        self.sites = sites
+        self.fail = fail or (lambda node, stage, rnd: None)
+        self.sent: list[tuple[str, int, int]] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import Context, Error, Message, RecordDict
+
+        replies = []
+        for message in messages:
+            node, config = message.metadata.dst_node_id, message.content["config"]
+            self.sent.append((str(config["stage"]), int(config["round"]), node))
+            action = self.fail(node, str(config["stage"]), int(config["round"]))
+            if action == "crash":
+                raise KeyboardInterrupt("server killed")
+            if action == "error":
+                replies.append(Message(Error(code=0, reason="node went away"), reply_to=message))
+                continue
+            site = self.sites / self.nodes[node]
+            context = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
+                              node_config={"data-path": str(site / "store"), "policy-path": str(site / "privacy.yaml"),
+                                           "state-path": str(site / "state")})
+            replies.append(self.app(message, context))
+        return replies
+
+
+def run_config(consortium, out: Path, **overrides) -> dict:
+    return {"config": str(consortium["config_path"]), "out": str(out), "rounds-vae": 1, "rounds-ibe": 1,
+            "rounds-twin": 1, "min-nodes": 2, "node-wait": 1.0, **overrides}
+
+
+def ledger_rounds(sites: Path, site: str) -> list[tuple[str, int]]:
+    return [(e["stage"], e["round"]) for e in Ledger(sites / site / "state" / "ledger.jsonl").entries()]
+
+
+def test_refusals_are_dropped_and_too_few_sites_stop_the_run(consortium, sites, tmp_path, flower_identity):
+    from server.loop import run_federation
+
+    no_ibe = policy(site="site_c")
+    no_ibe["stages"]["ibe"]["rounds"] = 0
+    (sites / "site_c" / "privacy.yaml").write_text(yaml.safe_dump(no_ibe))
+    grid = LocalGrid(sites, fail=lambda node, stage, rnd: "error" if (node, stage) == (101, "ibe") else None)
+    with pytest.raises(FederationError, match="only 1 of 3 sites returned weights, fewer than min-nodes 2"):
+        run_federation(grid, run_config(consortium, tmp_path / "out", **{"rounds-twin": 0}))
+    status = read_status(tmp_path / "out")
+    assert status["status"] == "failed" and "min-nodes" in status["message"]
+    history = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["round"], sorted(e["sites"])) for e in history] == [("vae", 1, list(SITES))]
+    state = RunState.load(tmp_path / "out")
+    assert state.completed == [("vae", 1)]
+
+
+def test_resume_continues_with_the_next_round(consortium, sites, tmp_path, flower_identity):
+    from server.loop import run_federation
+
+    out = tmp_path / "out"
+    config = run_config(consortium, out, **{"rounds-vae": 2, "strategy": "fedadam"})
+    crash = LocalGrid(sites, fail=lambda node, stage, rnd: "crash" if (stage, rnd) == ("ibe", 1) else None)
+    with pytest.raises(KeyboardInterrupt):
+        run_federation(crash, config)
+    after_crash = RunState.load(out)
+    assert after_crash.completed == [("vae", 1), ("vae", 2)] and set(after_crash.moments["vae"]) == {"m", "v"}
+
+    grid = LocalGrid(sites)
+    run_federation(grid, config)
+    assert sorted({(stage, rnd) for stage, rnd, _ in grid.sent}) == [("ibe", 1), ("twin", 1)]
+    state = RunState.load(out)
+    assert state.completed == [("vae", 1), ("vae", 2), ("ibe", 1), ("twin", 1)]
+    assert all(np.array_equal(state.weights["vae"][k], v) for k, v in after_crash.weights["vae"].items())
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["round"]) for e in lines] == state.completed
+    assert read_status(out)["status"] == "finished" and (out / "metrics.png").stat().st_size > 10_000
+    for site in SITES:  # every round trained once at every site (the crash came before ibe was sent)
+        assert ledger_rounds(sites, site) == [("vae", 1), ("vae", 2), ("ibe", 1), ("twin", 1)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Flower's simulation engine and a real deployment
+
+
+def generator_works(model: Path) -> None:
+    from ecgtwin.twin import TwinGenerator
+
+    generator = TwinGenerator(model)
+    assert generator.config.data.n_samples == N_SAMPLES
+
+
+def env_for_flower(home: Path) -> dict:
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    return env
+
+
+def test_simulation_end_to_end(consortium, sites, tmp_path):
+    out = tmp_path / "out"
+    config = run_config(consortium, out, **{"sites-root": str(sites), "min-nodes": 3, "node-wait": 60.0})
+    done = subprocess.run([sys.executable, "-m", "server.simulate", "--run-config", json.dumps(config)], cwd=ROOT,
+                          env=env_for_flower(tmp_path / "flwr"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_status(out)["status"] == "finished"
+    generator_works(out / "model")
+    history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["stage"], sorted(e["sites"])) for e in history] == [(s, list(SITES)) for s in ("vae", "ibe", "twin")]
+    for site in SITES:
+        assert ledger_rounds(sites, site) == [("vae", 1), ("ibe", 1), ("twin", 1)]
+        epsilons = [e["sites"][site]["epsilon"] for e in history]
+        assert epsilons == sorted(epsilons) and epsilons[-1] == pytest.approx(open_site(sites, site).spent())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def test_tls_deployment_with_supernode_authentication(consortium, sites, tmp_path):
+    certs, logs = tmp_path / "certs", tmp_path / "logs"
+    logs.mkdir()
+    subprocess.run(["bash", str(ROOT / "deploy" / "make_certs.sh"), str(certs)], check=True, capture_output=True)
+    subprocess.run(["bash", str(ROOT / "deploy" / "make_certs.sh"), "--keys-only", str(certs), "site_d"], check=True,
+                   capture_output=True)
+    port = free_port()
+    cli_home = tmp_path / "cli-home"
+    cli_home.mkdir()
+    (cli_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "ecgtwin"\n\n[superlink.ecgtwin]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n')
+    cli_env = env_for_flower(cli_home)
+    processes: list[subprocess.Popen] = []
+
+    def start(name: str, command: list[str], home: Path) -> subprocess.Popen:
+        home.mkdir(parents=True, exist_ok=True)
+        log = (logs / f"{name}.log").open("w")
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env_for_flower(home), cwd=tmp_path,
+                                   start_new_session=True)
+        processes.append(process)
+        return process
+
+    def log_of(name: str) -> str:
+        return (logs / f"{name}.log").read_text()
+
+    try:
+        start("superlink", [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+                            "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "superlink/server.pem"),
+                            "--ssl-keyfile", str(certs / "superlink/server.key"), "--enable-supernode-auth",
+                            "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+                            "--database", str(tmp_path / "superlink.db")], tmp_path / "superlink-home")
+        for site in SITES:
+            wait_for(lambda: subprocess.run([str(BIN / "flwr"), "supernode", "register",
+                                             str(certs / site / "auth.pub"), "ecgtwin"], env=cli_env,
+                                            capture_output=True, text=True).returncode == 0, 60,
+                     f"registering {site}", interval=2)
+
+        def supernode(site: str, key_of: str) -> subprocess.Popen:
+            node_config = (f'data-path="{sites / site / "store"}" policy-path="{sites / site / "privacy.yaml"}" '
+                           f'state-path="{sites / site / "state"}"')
+            return start(site, [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                                "--root-certificates", str(certs / "ca.crt"),
+                                "--auth-supernode-private-key", str(certs / key_of / "auth.key"),
+                                "--isolation", "subprocess", "--port", str(free_port()), "--node-config", node_config],
+                         tmp_path / f"{site}-home")
+
+        for site in SITES:
+            supernode(site, site)
+        (sites / "site_d").mkdir()  # a fourth site whose key the coordinator never registered
+        shutil.copy(sites / "site_a" / "privacy.yaml", sites / "site_d" / "privacy.yaml")
+        intruder = supernode("site_d", "site_d")
+        wait_for(lambda: intruder.poll() is not None, 60, "the unregistered SuperNode to be refused")
+        assert intruder.returncode == 1 and "Failed to activate SuperNode" in log_of("site_d")
+        wait_for(lambda: all(f"SuperNode ID" in log_of(s) for s in SITES), 60, "the registered SuperNodes")
+
+        out = tmp_path / "out"
+        overrides = (f'config="{consortium["config_path"]}" out="{out}" rounds-vae=1 rounds-ibe=1 rounds-twin=1 '
+                     f'min-nodes=3 node-wait=60.0 run-name="tls-test"')
+        run = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "ecgtwin", "--run-config", overrides],
+                             env=cli_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        status = wait_for(lambda: (read_status(out) or {}).get("status") in ("finished", "failed") and read_status(out),
+                          420, "the run to finish")
+        assert status["status"] == "finished", status.get("message", "") + log_of("superlink")[-3000:]
+        generator_works(out / "model")
+        for site in SITES:
+            assert [(e["stage"], e["round"], e["run"]) for e in Ledger(sites / site / "state" / "ledger.jsonl").entries()] \
+                == [("vae", 1, "tls-test"), ("ibe", 1, "tls-test"), ("twin", 1, "tls-test")]
+        assert not (sites / "site_d" / "state").exists()
+        assert "Activated node_id" in log_of("superlink")
+    finally:
+        for process in reversed(processes):
+            stop(process)
