@@ -352,3 +352,66 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (np.floating,)):
         return float(value)
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running a simulation from ecgtwin (which never imports Flower): a child process, stopped by its pid
+
+
+def simulate(run_config: Mapping[str, Any], log_path: str | Path, progress: bool = False,
+             timeout: float | None = None, cpus_per_site: float = 1.0) -> dict:
+    """Run `python -m server.simulate` (Flower's simulation engine, one simulated SuperNode per site under
+    run_config["sites-root"]) and return out/status.json. Success is judged by that file, not by the exit
+    status. The child runs in its own process group; on timeout or interrupt it is stopped (SIGINT, so that
+    Ray shuts down, then SIGKILL) by its process-group id."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = FederationSettings.from_run_config(run_config)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "server.simulate", "--run-config", json.dumps(dict(run_config)),
+               "--cpus-per-site", str(cpus_per_site)]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    (Path(settings.out) / "status.json").unlink(missing_ok=True)  # a previous run's status must not be read
+    with log_path.open("w") as log:
+        child = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, start_new_session=True)
+        try:
+            for line in child.stdout:  # type: ignore[union-attr]
+                log.write(line)
+                log.flush()
+                if progress and "ecgtwin:" in line:
+                    print(line.split("ecgtwin:", 1)[1].strip(), file=sys.stderr, flush=True)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the simulation ran past {timeout:g} s (log: {log_path})")
+            child.wait()
+        finally:
+            if child.poll() is None:
+                _stop_group(child, signal, time)
+    status = read_status(settings.out)
+    if status is None:
+        return {"status": "failed", "message": f"the simulation wrote no status (exit {child.returncode}); "
+                                               f"see {log_path}"}
+    return status
+
+
+def _stop_group(child, signal, time) -> None:
+    import os
+
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(child.pid, sig)  # the group we started (start_new_session): the child and its workers
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=wait)
+            return
+        except Exception:  # noqa: BLE001  (subprocess.TimeoutExpired)
+            continue
