@@ -7,9 +7,10 @@ import json
 import platform
 from pathlib import Path
 
-from bench import data_path, generation, training
+from bench import data_path, generation, privacy, privacy_quality, training
 
-BENCHES = {"data": data_path.run, "training": training.run, "generation": generation.run}
+BENCHES = {"data": data_path.run, "training": training.run, "generation": generation.run, "privacy": privacy.run,
+           "privacy_quality": privacy_quality.run}
 
 
 def main() -> None:

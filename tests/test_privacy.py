@@ -321,3 +321,22 @@ def test_damaged_ledger_is_refused_not_guessed(tmp_path):
     path.write_text('{"stage": "vae"}\nnot json\n')
     with pytest.raises(ValueError, match="line 2 is not valid JSON"):
         Ledger(path).spent(policy())
+
+
+# -- the membership-inference audit -------------------------------------------------------------------
+
+def test_audit_separates_an_overfit_model_from_a_dp_one(tmp_path):
+    """Non-private training overfit on 16 patients is attackable; DP-SGD at epsilon 8 is near chance."""
+    synthesize_consortium(tmp_path / "raw", sites=1, patients_per_site=32, records_per_patient=3, seed=5, fs=250.0)
+    prepare_store("synthetic", tmp_path / "raw", tmp_path / "store", on_reject=lambda r: None)
+    from ecgtwin.privacy.audit import membership_audit
+
+    report = membership_audit(tmp_path / "store", load_config(CONFIG), tmp_path / "audit", epsilon=8.0,
+                              steps=150, overfit_steps=500, progress=False)
+    plain, dp = report["models"]["non_private"], report["models"]["dp"]
+    assert report["members"] == 16 and report["epsilon"] <= 8.0
+    assert plain["train_error"] < 0.6 * plain["test_error"]  # it did overfit
+    assert plain["loss"]["auc"] >= 0.75, plain
+    assert abs(dp["loss"]["auc"] - 0.5) <= 0.2, dp
+    assert plain["loss"]["auc"] - dp["loss"]["auc"] >= 0.15
+    assert (tmp_path / "audit" / "audit_roc.png").stat().st_size > 10_000

@@ -1,0 +1,98 @@
+"""DP-SGD step time and peak memory vs the non-private step, per stage, at equal batch (demo config).
+
+Each setting runs in a fresh process (its own peak RSS) and uses the real DP step of
+ecgtwin.train.private (patient sampling aside): per-row gradients by Opacus hooks or functorch, or
+ghost clipping where the stage allows it (one forward row per patient), grouped per patient, clipped,
+noised. "none" is plain AdamW on the same per-patient losses. The IBE's rows include its public
+negatives (M per patient), so its DP objective is also timed without DP.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from ecgtwin.models import AdaXDenoiser, ECGVAE, GaussianDiffusion, IndividualBaseExtractor, demo_config
+from ecgtwin.privacy import PrivacyPolicy
+from ecgtwin.train import private
+from ecgtwin.train.stages import ibe_private_loss, twin_batch_loss, vae_batch_loss
+
+BATCH = 16  # patients per step, one record each
+NEGATIVES = 15
+STEPS = 6
+MODES = {"vae": ("none", "hooks", "functorch", "ghost"), "ibe": ("none", "hooks", "functorch"),
+         "twin": ("none", "hooks", "functorch", "ghost")}
+
+
+def _stage(name: str) -> private.PrivateStage:
+    cfg = demo_config()
+    g = torch.Generator().manual_seed(0)
+    unit = torch.arange(BATCH)
+    if name == "vae":
+        vae, x = ECGVAE(cfg.vae), torch.randn(BATCH, 12, 1024, generator=g)
+        return private.PrivateStage(vae, [], lambda picks, gen, step: (vae_batch_loss(vae, x, 1e-4), unit), True)
+    z = torch.randn(BATCH, cfg.vae.latent_channels, 128, generator=g)
+    cond, mask = torch.randn(BATCH, 4, cfg.ibe.cond_dim, generator=g), torch.ones(BATCH, 4, dtype=torch.bool)
+    if name == "ibe":
+        ibe = IndividualBaseExtractor(cfg.ibe)
+        neg = (torch.randn(BATCH * NEGATIVES, cfg.vae.latent_channels, 128, generator=g),
+               torch.randn(BATCH * NEGATIVES, 4, cfg.ibe.cond_dim, generator=g),
+               torch.ones(BATCH * NEGATIVES, 4, dtype=torch.bool))
+        rows = torch.cat([unit, unit, unit.repeat_interleave(NEGATIVES)])
+        return private.PrivateStage(
+            ibe, [], lambda picks, gen, step: (ibe_private_loss(ibe, (z, cond, mask), (z + 0.1, cond, mask), neg, 0.1),
+                                               rows), False)
+    dit, diffusion, base = AdaXDenoiser(cfg.dit), GaussianDiffusion(cfg.diffusion), torch.randn(BATCH, cfg.dit.base_dim)
+    return private.PrivateStage(
+        dit, [], lambda picks, gen, step: (twin_batch_loss(dit, diffusion, z, base, cond, mask, 0.1, 0.1, 1, gen),
+                                           unit), True)
+
+
+def _measure(stage: str, mode: str, queue: mp.Queue) -> None:
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    built = _stage(stage)
+    picks = [np.array([i]) for i in range(BATCH)]
+    generator = torch.Generator().manual_seed(0)
+    if mode == "none":
+        optimizer = torch.optim.AdamW(built.module.parameters(), lr=1e-4)
+
+        def step(picks, index):
+            optimizer.zero_grad()
+            built.unit_loss(picks, generator, index)[0].sum().backward()
+            optimizer.step()
+    else:
+        policy = PrivacyPolicy(grad_sample_mode=mode, max_grad_norm=1.0)
+        step = private._make_step(built, policy, type("S", (), {"lr": 1e-4, "weight_decay": 0.0})(), BATCH, 1.0,
+                                  generator)
+    times = []
+    for i in range(STEPS + 1):
+        start = time.perf_counter()
+        step(picks, i)
+        if i:  # the first step warms up allocators and hooks
+            times.append(time.perf_counter() - start)
+    queue.put({"step_s": round(sorted(times)[len(times) // 2], 4),
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
+
+
+def run(out) -> dict:
+    context = mp.get_context("spawn")
+    results: dict = {"threads": torch.get_num_threads(),
+                     "note": f"median of {STEPS} steps, {BATCH} patients per step, demo config, CPU"}
+    for stage, modes in MODES.items():
+        for mode in modes:
+            queue = context.Queue()
+            process = context.Process(target=_measure, args=(stage, mode, queue))
+            process.start()
+            results[f"{stage}_{mode}"] = queue.get()
+            process.join()
+        plain = results[f"{stage}_none"]["step_s"]
+        for mode in modes[1:]:
+            results[f"{stage}_{mode}"]["vs_non_private"] = round(results[f"{stage}_{mode}"]["step_s"] / plain, 2)
+        print(stage, {m: results[f"{stage}_{m}"] for m in modes}, flush=True)
+    return results
