@@ -259,7 +259,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     p.add_argument("--sites", type=int, default=3, help="hospitals in the consortium (default 3)")
-    p.add_argument("--patients-per-site", type=int, default=20, help="patients per hospital (default 20)")
+    p.add_argument("--patients-per-site", type=int, default=40, help="patients per hospital (default 40)")
     p.add_argument("--records-per-patient", type=int, default=3, help="recordings per patient (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--config", type=Path, help="experiment YAML for the training (default: configs/demo.yaml)")

@@ -38,7 +38,7 @@ STAGES = ("vae", "ibe", "twin")
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     sites: int = 3
-    patients_per_site: int = 20
+    patients_per_site: int = 40
     records_per_patient: int = 3
     seed: int = 0
     config: Path = DEFAULT_CONFIG
@@ -46,12 +46,13 @@ class DemoConfig:
     twins_per_condition: int = 2
     # federation: rounds per stage (the server) and each site's policy (local DP steps per round, expected
     # patients per step, budget). Sized to finish in about 10 minutes on 2 CPU cores (docs/federation.md).
-    # With 18 training patients per site, epsilon 8 over all 510 steps needs noise multipliers of about
-    # 2.4 (VAE), 2.8 (IBE) and 3.9 (twin); more steps or larger batches push them past the policy's limit.
+    # With 36 training patients per site and 8 expected per step, epsilon 8 over all 1020 steps needs noise
+    # multipliers of about 2.7 (VAE), 2.8 (IBE) and 5.4 (twin); many more steps or fewer patients push them
+    # past the policy's limit (20), and the site refuses to train.
     rounds: tuple[int, int, int] = (2, 2, 3)
-    local_steps: tuple[int, int, int] = (30, 20, 150)
+    local_steps: tuple[int, int, int] = (40, 20, 300)
     budget_fractions: tuple[float, float, float] = (0.3, 0.2, 0.5)
-    batch_patients: int = 4
+    batch_patients: int = 8
     epsilon: float = 8.0
     delta: float = 1e-5
     strategy: str = "fedavg"
