@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ecgtwin {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in (_add_synth, _add_prepare, _add_train, _add_generate, _add_cohort, _add_demo, _add_privacy,
-                     _add_federate):
+                     _add_federate, _add_evaluate):
         register(sub)
     return parser
 
@@ -403,6 +403,46 @@ def _run_federate(args: argparse.Namespace) -> dict:
     return {"status": status["status"], "model": str(out / "model"), "rounds": len(lines),
             "epsilon": {site: m.get("epsilon", "not private") for site, m in last["sites"].items()},
             "metrics": str(out / "metrics.jsonl"), "plot": str(out / "metrics.png")}
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="benchmark a generator on a site's held-out patients (FID, P/R/F1, CLIP, HR MAE, personalisation)",
+        description="Train (or reuse) an ECG-text evaluation encoder on real ECGs of patients the generator never "
+        "trained on, generate twins of other held-out patients, and write OUT/metrics.json and OUT/report.html. "
+        "See docs/evaluation.md.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder with vae, ibe and twin weights")
+    p.add_argument("--store", required=True, type=Path, help="the site store (its held-out patients are used)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (metrics.json, report.html, figures)")
+    p.add_argument("--twins-per-patient", type=int, default=4, help="twins per patient, over their later ECGs (default 4)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="sampler (default: the config's)")
+    p.add_argument("--steps", type=int, help="sampling steps for ddim/dpm++ (default: the config's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition (1 = none)")
+    p.add_argument("--encoder-steps", type=int, help="training steps of the evaluation encoder (default 400)")
+    p.add_argument("--encoder-cache", type=Path, help="folder of a cached evaluation encoder (default OUT/encoder)")
+    p.add_argument("--encoder-store", type=Path, help="train the encoder on this other store instead")
+    p.add_argument("--max-patients", type=int, help="at most this many twin patients")
+    p.add_argument("--no-downstream", action="store_true", help="skip the personalised-monitor experiment")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _common(p)
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> dict:
+    from ecgtwin.evaluate import run_evaluation
+
+    result = run_evaluation(args.checkpoint, args.store, args.out, twins_per_patient=args.twins_per_patient,
+                            sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                            encoder_steps=args.encoder_steps, encoder_cache=args.encoder_cache,
+                            encoder_store=args.encoder_store, max_patients=args.max_patients,
+                            downstream=not args.no_downstream, seed=args.seed, progress=not args.no_progress)
+    if args.json:
+        return result
+    keep = ("fid", "precision", "recall", "f1", "clip_score", "hr_mae", "condition_accuracy", "similarity",
+            "silhouette", "identification_top1", "identification_top5")
+    return {**{k: result.get(k) for k in keep}, "metrics": str(args.out / "metrics.json"), "report": result.get("report")}
 
 
 def emit(summary: dict, as_json: bool) -> None:
