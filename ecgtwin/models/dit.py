@@ -140,7 +140,7 @@ class AdaXDenoiser(nn.Module):
         null_mask = (torch.arange(s, device=cond.device) == 0).expand(b, -1)
         tokens = torch.where(drop_cond[:, None, None], null, tokens)
         mask = torch.where(drop_cond[:, None], null_mask, mask)
-        positions = torch.arange(s, device=cond.device).expand(b, -1)
+        positions = torch.arange(s, device=cond.device).expand(b, -1).contiguous()  # for Opacus ghost clipping
         return tokens + self.cond_pos(positions), mask
 
     def forward(self, z_t: Tensor, t: Tensor, base: Tensor, cond: Tensor, cond_mask: Tensor | None = None,

@@ -143,7 +143,7 @@ class LearnedToken(nn.Module):
     def forward(self, batch: int, device: torch.device) -> Tensor:
         """(batch, n, dim)."""
         idx = torch.arange(self.table.num_embeddings, device=device)
-        return self.table(idx.expand(batch, -1))
+        return self.table(idx.expand(batch, -1).contiguous())  # Opacus ghost clipping views the ids
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
