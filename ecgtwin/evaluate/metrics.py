@@ -95,7 +95,8 @@ def fid(real: np.ndarray, fake: np.ndarray) -> float:
     mu_r, mu_f = real.mean(0), fake.mean(0)
     s_r, s_f = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
     s_r, s_f = np.atleast_2d(s_r), np.atleast_2d(s_f)
-    covmean, _ = linalg.sqrtm(s_r @ s_f, disp=False)
+    with np.errstate(all="ignore"):
+        covmean = linalg.sqrtm(s_r @ s_f)
     if not np.isfinite(covmean).all():  # singular product (fewer samples than dimensions): regularise
         offset = np.eye(len(s_r)) * 1e-6
         covmean = linalg.sqrtm((s_r + offset) @ (s_f + offset))
