@@ -171,8 +171,11 @@ def main() -> None:
     parser.add_argument("--setting", required=True, choices=SETTINGS)
     parser.add_argument("--out", required=True, type=Path, help="shared folder for all settings")
     parser.add_argument("--patients-per-site", type=int, default=Scale.patients_per_site)
+    parser.add_argument("--twin-local-steps", type=int, default=Scale.local_steps[2],
+                        help="twin-stage local steps per round (x 3 rounds; centralised: the total); default 300")
     args = parser.parse_args()
-    summary = run(args.setting, args.out, Scale(patients_per_site=args.patients_per_site))
+    steps = (*Scale.local_steps[:2], args.twin_local_steps)
+    summary = run(args.setting, args.out, Scale(patients_per_site=args.patients_per_site, local_steps=steps))
     print(json.dumps(summary, indent=2))
 
 
