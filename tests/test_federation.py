@@ -8,6 +8,7 @@ model, fixed noise multipliers so that planning takes no time) with 1 round per 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -235,6 +236,8 @@ class LocalGrid:
         self.sites = sites
         self.fail = fail or (lambda node, stage, rnd: None)
         self.sent: list[tuple[str, int, int]] = []
+        self.replies: list[tuple[dict, int]] = []  # (arrays, num-examples) of every reply with weights
+        self.messages: list = []  # those replies
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -256,7 +259,12 @@ class LocalGrid:
             context = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
                               node_config={"data-path": str(site / "store"), "policy-path": str(site / "privacy.yaml"),
                                            "state-path": str(site / "state")})
-            replies.append(self.app(message, context))
+            reply = self.app(message, context)
+            if "arrays" in reply.content.array_records:
+                self.replies.append(({k: a.numpy() for k, a in reply.content["arrays"].items()},
+                                     int(reply.content["metrics"]["num-examples"])))
+                self.messages.append(reply)
+            replies.append(reply)
         return replies
 
 
@@ -284,6 +292,36 @@ def test_refusals_are_dropped_and_too_few_sites_stop_the_run(consortium, sites, 
     assert [(e["stage"], e["round"], sorted(e["sites"])) for e in history] == [("vae", 1, list(SITES))]
     state = RunState.load(tmp_path / "out")
     assert state.completed == [("vae", 1)]
+
+
+def test_every_strategy_aggregates_the_sites_weights(consortium, sites, tmp_path, flower_identity):
+    from server.loop import _aggregate, make_strategy, run_federation
+
+    from ecgtwin.federation import FederationSettings, weighted_mean
+
+    grid = LocalGrid(sites)  # one real round (FedAvg), then every strategy on the same replies
+    run_federation(grid, run_config(consortium, tmp_path / "out", **{"rounds-ibe": 0, "rounds-twin": 0}))
+    start = initial_weights("vae", consortium["config"])
+    mean = weighted_mean(grid.replies)
+    result = RunState.load(tmp_path / "out").weights["vae"]
+    for k in start:
+        np.testing.assert_allclose(result[k], mean[k], rtol=1e-5, atol=1e-6)
+    stacked = {k: np.stack([arrays[k] for arrays, _ in grid.replies]) for k in start}
+    expected = {"fedprox": mean,  # the proximal term is the sites' business; the server averages
+                "fedmedian": {k: np.median(v, axis=0) for k, v in stacked.items()},
+                "fedtrimmedavg": {k: v.mean(axis=0) for k, v in stacked.items()}}  # 3 sites, beta 0.2: no trim
+    for strategy in ("fedprox", "fedmedian", "fedtrimmedavg", "fedadam"):
+        settings = FederationSettings.from_run_config({"strategy": strategy})
+        got = _aggregate(make_strategy(settings), 1, start, [copy.deepcopy(m) for m in grid.messages])
+        if strategy != "fedadam":
+            for k in start:
+                np.testing.assert_allclose(got[k], expected[strategy][k], rtol=1e-5, atol=1e-6, err_msg=strategy)
+            continue
+        # FedAdam: a server step from the global weights along the mean update, at most ~server-lr per coordinate
+        step = {k: got[k] - start[k] for k in start}
+        assert max(np.abs(v).max() for v in step.values()) <= 0.01
+        agree = np.concatenate([(np.sign(step[k]) == np.sign(mean[k] - start[k])).ravel() for k in start])
+        assert agree.mean() > 0.95
 
 
 def test_resume_continues_with_the_next_round(consortium, sites, tmp_path, flower_identity):
