@@ -17,7 +17,7 @@ from ecgtwin.config import ConfigError, from_dict
 
 STAGE_ORDER = ("vae", "ibe", "twin")
 ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 
 
 @dataclasses.dataclass
@@ -67,7 +67,9 @@ class PrivacyPolicy:
     accountant: str = "prv"  # prv (tight, Opacus' default) | rdp
     max_grad_norm: float = 1.0  # per-patient clipping norm
     records_per_patient: int = 1  # at most this many of a patient's records in one step
-    grad_sample_mode: str = "hooks"  # hooks | functorch | ghost (ghost: VAE/twin with 1 record per patient)
+    # auto: each stage's fastest correct mode as measured by `python -m bench --only privacy`;
+    # hooks | functorch | ghost (ghost: VAE/twin with 1 record per patient and 1 noise draw)
+    grad_sample_mode: str = "auto"
     public_negatives: int = 15  # IBE DP objective: public synthetic negatives per patient per step
     max_noise_multiplier: float = 20.0  # a plan needing more noise than this is refused as useless
     seed: int | None = None  # None: sampling and noise from OS entropy (production); set only in tests

@@ -49,6 +49,7 @@ class PrivateStage:
     units: list[np.ndarray]  # per patient: the items (records or IBE pairs) it may contribute
     unit_loss: UnitLoss
     one_row_per_unit: bool  # ghost clipping needs it (one forward, one row per patient)
+    fastest_mode: str = "hooks"  # what grad_sample_mode "auto" uses (measured: docs/benchmarks.md)
 
 
 def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
@@ -72,7 +73,8 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
     # q is over ALL training patients, the same population in every stage (the plan assumes it); a
     # patient with nothing to contribute here (no pair, for the IBE) is a unit with zero gradient
     n = len(set(store.records.patient_id.to_numpy()[rows]))
-    q, sigma = stage_noise(policy, stage, n, where=f"{store.path}", cache=plan_cache)
+    # no local paths in messages: a refusal's reason goes to the server
+    q, sigma = stage_noise(policy, stage, n, where=policy.site or "site", cache=plan_cache)
     steps = steps or policy.stage(stage).local_steps
     if checkpoint.has(stage):
         checkpoint.load_weights(stage, built.module)
@@ -109,7 +111,7 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
             "first_loss": finite[0] if finite else float("nan"),
             "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
             "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
-            "grad_sample_mode": policy.grad_sample_mode, "seconds": float(np.round(time.perf_counter() - started, 2)),
+            "grad_sample_mode": resolved_mode(built, policy), "seconds": float(np.round(time.perf_counter() - started, 2)),
             "checkpoint": str(checkpoint.path)}
 
 
@@ -121,13 +123,14 @@ def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_ba
                generator: torch.Generator) -> Callable[[list[np.ndarray], int], float]:
     """The DP step in the policy's per-sample gradient mode; returns the mean patient loss."""
     module = built.module
+    mode = resolved_mode(built, policy)
     base = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     expected = max(1, int(round(expected_batch)))
     opts = dict(noise_multiplier=sigma, max_grad_norm=policy.max_grad_norm, expected_batch_size=expected,
                 loss_reduction="mean", generator=generator)
     with warnings.catch_warnings():  # Opacus' "secure RNG off" warning: sampling uses numpy's PCG64
         warnings.simplefilter("ignore")
-        if policy.grad_sample_mode == "ghost":
+        if mode == "ghost":
             if not built.one_row_per_unit or policy.records_per_patient != 1:
                 raise ValueError("grad_sample_mode ghost needs one forward row per patient: use it for the VAE "
                                  "and twin stages with records_per_patient 1 and noise_draws 1, else hooks")
@@ -136,7 +139,7 @@ def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_ba
             optimizer = DPOptimizerFastGradientClipping(base, **opts)
         else:
             gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum",
-                                   force_functorch=policy.grad_sample_mode == "functorch")
+                                   force_functorch=mode == "functorch")
             optimizer = DPOptimizer(base, **opts)
     params = [p for p in module.parameters() if p.requires_grad]
 
@@ -145,13 +148,13 @@ def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_ba
         if not picks:  # Poisson sampling may draw nobody: the step is noise only, as accounted
             for p in params:
                 p.grad_sample = torch.zeros((0, *p.shape))
-            if policy.grad_sample_mode == "ghost":
+            if mode == "ghost":
                 for p in params:
                     p.grad = torch.zeros_like(p)
             optimizer.step()
             return float("nan")
         losses, row_unit = built.unit_loss(picks, generator, index)
-        if policy.grad_sample_mode == "ghost":
+        if mode == "ghost":
             losses.sum().backward(retain_graph=True)  # first pass: per-patient norms only
             optimizer.zero_grad()
             coeff = gsm.get_clipping_coef()
@@ -169,9 +172,16 @@ def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_ba
     return step
 
 
+def resolved_mode(built: PrivateStage, policy: PrivacyPolicy) -> str:
+    return built.fastest_mode if policy.grad_sample_mode == "auto" else policy.grad_sample_mode
+
+
 def group_grad_samples(params: list[torch.nn.Parameter], row_unit: torch.Tensor, n_units: int) -> None:
     """Sum Opacus' per-row gradients into one gradient per patient (what DP-SGD then clips)."""
+    identity = len(row_unit) == n_units and bool((row_unit == torch.arange(n_units)).all())
     for p in params:
+        if identity and not isinstance(p.grad_sample, list):
+            continue  # one row per patient already (1 record, VAE/twin): nothing to sum
         rows = p.grad_sample
         if isinstance(rows, list):
             rows = torch.stack(rows).sum(0)
@@ -208,7 +218,8 @@ def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoin
         kl = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
         return _per_unit_mean(vae_batch_loss(vae, signals[index], kl), unit, len(picks)), unit
 
-    return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True)
+    return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True,
+                        fastest_mode="functorch")
 
 
 def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint,
