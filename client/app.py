@@ -29,7 +29,8 @@ def make_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         site = _site(context, defaults)
         stage, server_round, run_id, config_yaml, weights = _read(msg)
-        new, metrics, refusal = site.train(stage, server_round, run_id, config_yaml, weights)
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))  # FedProx; 0 for the other strategies
+        new, metrics, refusal = site.train(stage, server_round, run_id, config_yaml, weights, proximal_mu=mu)
         return Message(reply_content(stage, config_yaml, site.name, new, metrics, refusal), reply_to=msg)
 
     return app

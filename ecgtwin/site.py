@@ -111,7 +111,8 @@ class Site:
         return cls(paths["data"], paths["policy"], paths["state"], progress=progress)
 
     def train(self, stage: str, server_round: int, run_id: str, config_yaml: str,
-              weights: Mapping[str, Mapping[str, np.ndarray]]) -> tuple[dict[str, np.ndarray] | None, dict, str | None]:
+              weights: Mapping[str, Mapping[str, np.ndarray]],
+              proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray] | None, dict, str | None]:
         """One local pass of `stage` from the received global weights. Returns (new stage weights or None,
         allowlisted metrics, refusal reason or None)."""
         if stage not in STAGES:
@@ -123,7 +124,7 @@ class Site:
                               "not training it")
         self._write_received(stage, config, weights)
         try:
-            summary = self._pass(stage, config, server_round, plan.local_steps, run_id)
+            summary = self._pass(stage, config, server_round, plan.local_steps, run_id, proximal_mu)
         except (BudgetExceeded, PlanError) as exc:
             return None, {}, str(exc)
         new = {k: np.asarray(v) for k, v in load_file(str(Checkpoint(self.work).weights_path(stage))).items()}
@@ -138,16 +139,18 @@ class Site:
         """Epsilon spent so far by this site (None for a non-private site)."""
         return self.ledger.spent(self.policy) if self.policy.private else None
 
-    def _pass(self, stage: str, config: ExperimentConfig, server_round: int, steps: int, run_id: str) -> dict:
+    def _pass(self, stage: str, config: ExperimentConfig, server_round: int, steps: int, run_id: str,
+              proximal_mu: float = 0.0) -> dict:
         if self.policy.private:
             from ecgtwin.train.private import private_pass
 
             return private_pass(stage, config, self.store_path, self.work, self.policy, self.ledger,
                                 round=server_round, steps=steps, run=run_id, progress=self.progress,
-                                plan_cache=self.plan_cache)
+                                plan_cache=self.plan_cache, proximal_mu=proximal_mu)
         from ecgtwin.train.runner import local_pass
 
-        return local_pass(stage, config, self.store_path, self.work, steps, round=server_round, progress=self.progress)
+        return local_pass(stage, config, self.store_path, self.work, steps, round=server_round, progress=self.progress,
+                          proximal_mu=proximal_mu)
 
     def _write_received(self, stage: str, config: ExperimentConfig,
                         weights: Mapping[str, Mapping[str, np.ndarray]]) -> None:

@@ -342,3 +342,32 @@ def test_audit_separates_an_overfit_model_from_a_dp_one(tmp_path):
     assert abs(dp["loss"]["auc"] - 0.5) <= 0.2, dp
     assert plain["loss"]["auc"] - dp["loss"]["auc"] >= 0.15
     assert (tmp_path / "audit" / "audit_roc.png").stat().st_size > 10_000
+
+
+def test_fedprox_proximal_step_pulls_towards_the_global_weights(store, tmp_path):
+    """With lr * mu = 1 the proximal step returns every weight to the round's start exactly; mu = 0 does not."""
+    from ecgtwin.train.runner import local_pass
+
+    config = load_config(CONFIG)
+    pol = policy(stages=StagePlans(vae=StagePlan(rounds=1, local_steps=2, batch_patients=4)))
+    for name, run in (("plain", lambda out, mu: local_pass("vae", config, store, out, steps=2, progress=False,
+                                                            proximal_mu=mu)),
+                      ("dp", lambda out, mu: private.private_pass("vae", config, store, out, pol,
+                                                                  Ledger(out / "ledger.jsonl"), progress=False,
+                                                                  proximal_mu=mu))):
+        start = tmp_path / f"{name}-start"
+        run(start, 0.0)
+        for mu, same in ((0.0, False), (1.0 / config.vae.lr, True)):
+            out = tmp_path / f"{name}-{mu}"
+            out.mkdir()
+            for f in ("vae.safetensors", "config.yaml", "conditioning.json"):
+                (out / f).write_bytes((start / f).read_bytes())
+            run(out, mu)
+            moved = max((a - b).abs().max().item() for a, b in zip(weights(out).values(), weights(start).values()))
+            assert (moved < 1e-5) is same, (name, mu, moved)
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "vae.safetensors"))

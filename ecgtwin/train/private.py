@@ -55,7 +55,8 @@ class PrivateStage:
 def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
                  policy: PrivacyPolicy, ledger: Ledger, round: int = 1, steps: int | None = None,
                  run: str = "", progress: bool = True, plan_cache: Path | None = None,
-                 on_step: Callable[[int, dict], None] | None = None, patients: list[str] | None = None) -> dict:
+                 on_step: Callable[[int, dict], None] | None = None, patients: list[str] | None = None,
+                 proximal_mu: float = 0.0) -> dict:
     """Train `stage` for `steps` DP-SGD steps (default: the policy's local_steps) from the weights in
     checkpoint folder `out` (fresh weights if it has none), and save them back there. `patients`
     restricts training to those patients (the membership audit); by default the store's training
@@ -83,6 +84,7 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
     generator = torch.Generator()
     generator.manual_seed(seed) if seed is not None else generator.seed()
     step_fn = _make_step(built, policy, settings, q * n, sigma, generator)
+    pull = runner.proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
     # charged after everything that can fail without training, and before the first noisy step
     entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run)
     log = checkpoint.path / f"dp_{stage}_loss.jsonl"
@@ -93,6 +95,7 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
         chosen = np.flatnonzero(rng.random(len(built.units)) < q)  # Poisson sampling over patients
         picks = [_pick(built.units[u], policy.records_per_patient, rng) for u in chosen]
         loss = step_fn(picks, step)
+        pull()
         used_patients.update(chosen.tolist())
         used_records += sum(len(p) for p in picks)
         losses.append(loss)

@@ -93,7 +93,8 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
 
 
 def local_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path, steps: int,
-               round: int = 1, progress: bool = True, patients: list[str] | None = None) -> dict:
+               round: int = 1, progress: bool = True, patients: list[str] | None = None,
+               proximal_mu: float = 0.0) -> dict:
     """`steps` NON-private steps of `stage` from the weights in checkpoint folder `out` (fresh ones if it
     has none), saved back there: a federated round at a site whose policy says `private: false`
     (research on public or synthetic data only). A fresh optimizer per pass, as in FedAvg."""
@@ -110,6 +111,7 @@ def local_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out
     if checkpoint.has(stage):
         checkpoint.load_weights(stage, built.module)
     optimizer = torch.optim.AdamW(built.module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    pull = proximal_step(built.module, settings.lr, proximal_mu)
     seed = settings.seed + 1000 * round
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     losses, started = [], time.perf_counter()
@@ -120,12 +122,29 @@ def local_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out
         loss.backward()
         torch.nn.utils.clip_grad_norm_(built.module.parameters(), settings.grad_clip)
         optimizer.step()
+        pull()
         losses.append(loss.item())
     checkpoint.save_weights(stage, built.module)
     patients_used = len(set(store.records.patient_id.to_numpy()[rows]))
     return {"stage": stage, "round": round, "steps": steps, "patients": patients_used, "records_used": len(rows),
             "loss": float(np.mean(losses[-max(1, len(losses) // 5):])), "first_loss": losses[0],
             "seconds": float(np.round(time.perf_counter() - started, 2)), "checkpoint": str(checkpoint.path)}
+
+
+def proximal_step(module: torch.nn.Module, lr: float, mu: float) -> Callable[[], None]:
+    """FedProx: after each optimiser step, pull the weights towards the round's starting (global) weights,
+    w <- w - lr * mu * (w - w_global), the gradient step of (mu / 2) ||w - w_global||^2. It does not touch
+    the data, so under DP-SGD it is post-processing and costs no privacy."""
+    if mu <= 0:
+        return lambda: None
+    start = [p.detach().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def pull() -> None:
+        for p, p0 in zip(module.parameters(), start):
+            p.sub_(lr * mu * (p - p0))
+
+    return pull
 
 
 def use_population_normalizer(checkpoint: Checkpoint) -> None:
