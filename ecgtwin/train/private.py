@@ -49,7 +49,9 @@ class PrivateStage:
     units: list[np.ndarray]  # per patient: the items (records or IBE pairs) it may contribute
     unit_loss: UnitLoss
     one_row_per_unit: bool  # ghost clipping needs it (one forward, one row per patient)
-    fastest_mode: str = "hooks"  # what grad_sample_mode "auto" uses (measured: docs/benchmarks.md)
+    # what grad_sample_mode "auto" uses: hooks was fastest for every stage on CPU (docs/benchmarks.md);
+    # a stage measured faster otherwise (e.g. on GPU) sets its own
+    fastest_mode: str = "hooks"
 
 
 def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
@@ -221,8 +223,7 @@ def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoin
         kl = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
         return _per_unit_mean(vae_batch_loss(vae, signals[index], kl), unit, len(picks)), unit
 
-    return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True,
-                        fastest_mode="functorch")
+    return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True)
 
 
 def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint,
