@@ -7,10 +7,10 @@ import json
 import platform
 from pathlib import Path
 
-from bench import data_path, generation, privacy, privacy_quality, training
+from bench import data_path, federation, generation, privacy, privacy_quality, training
 
 BENCHES = {"data": data_path.run, "training": training.run, "generation": generation.run, "privacy": privacy.run,
-           "privacy_quality": privacy_quality.run}
+           "privacy_quality": privacy_quality.run, "federation": federation.run}
 
 
 def main() -> None:

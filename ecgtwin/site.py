@@ -26,7 +26,9 @@ from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, ledger_path, load
 
 # The only metrics a site ever sends: aggregate counts, the mean training loss of the pass, its own
 # privacy accounting, and a refusal flag. Never a per-patient value.
-ALLOWED_METRICS = frozenset({"num-examples", "patients", "records", "loss", "epsilon", "delta", "refused"})
+# train-seconds: the local pass's wall time (operational, no patient information), for the overhead benchmark
+ALLOWED_METRICS = frozenset({"num-examples", "patients", "records", "loss", "epsilon", "delta", "refused",
+                             "train-seconds"})
 # The only config values a site ever sends: its name and, when it refuses, why.
 ALLOWED_CONFIG = frozenset({"site", "reason"})
 
@@ -129,7 +131,8 @@ class Site:
             return None, {}, str(exc)
         new = {k: np.asarray(v) for k, v in load_file(str(Checkpoint(self.work).weights_path(stage))).items()}
         metrics = {"num-examples": int(summary["patients"]), "patients": int(summary["patients"]),
-                   "records": int(summary["records_used"]), "loss": float(summary["loss"])}
+                   "records": int(summary["records_used"]), "loss": float(summary["loss"]),
+                   "train-seconds": float(summary["seconds"])}
         if self.policy.private:
             metrics.update(epsilon=float(summary["epsilon"]), delta=float(summary["delta"]))
         check_reply(stage, config, new, metrics)

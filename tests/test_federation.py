@@ -110,7 +110,8 @@ def test_site_trains_with_its_own_steps_and_refuses_beyond_its_budget(consortium
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(vae_only))
     site = open_site(sites, "site_a")
     new, metrics, refusal = site.train("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
-    assert refusal is None and set(metrics) == {"num-examples", "patients", "records", "loss", "epsilon", "delta"}
+    assert refusal is None and set(metrics) == {"num-examples", "patients", "records", "loss", "epsilon", "delta",
+                                                     "train-seconds"}
     assert {k: v.shape for k, v in new.items()} == model_shapes("vae", config)
     assert any(not np.array_equal(new[k], v) for k, v in initial_weights("vae", config).items())
     ledger = Ledger(sites / "site_a" / "state" / "ledger.jsonl")

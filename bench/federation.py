@@ -1,0 +1,80 @@
+"""Federation overhead in Flower's simulation engine: 3, 10 and 30 sites on this machine.
+
+Every site runs a short NON-private VAE pass per round (private: false, so that the planner's seconds
+do not count as overhead), 2 rounds. Per round: the wall time the server measured, the slowest site's
+own training time (train-seconds in its reply), and the overhead = round time - slowest site. With more
+sites than cores the sites queue, so "site time / cores" shows how much of a round is just queueing.
+Bytes per site per round: what the server sends (the stage's global weights) and what a site replies
+(the same arrays), against the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from ecgtwin.config import load_config
+from ecgtwin.data.prepare import prepare_store
+from ecgtwin.data.synthetic import synthesize_consortium
+from ecgtwin.federation import simulate
+from ecgtwin.models import ECGVAE
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+SITES = (3, 10, 30)
+LOCAL_STEPS, ROUNDS = 5, 2
+
+
+def _site_dirs(root: Path, n: int) -> Path:
+    synthesize_consortium(root / "raw", sites=n, patients_per_site=6, records_per_patient=2, seed=1, fs=250.0)
+    for site_raw in sorted(p.parent for p in (root / "raw").glob("*/metadata.csv")):
+        site = root / "sites" / site_raw.name
+        prepare_store("synthetic", site_raw, site / "store", on_reject=lambda r: None)
+        policy = {"site": site_raw.name, "private": False,
+                  "stages": {"vae": {"rounds": ROUNDS, "local_steps": LOCAL_STEPS, "batch_patients": 4},
+                             "ibe": {"rounds": 0}, "twin": {"rounds": 0}}}
+        (site / "privacy.yaml").write_text(yaml.safe_dump(policy))
+    return root / "sites"
+
+
+def _one(n: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sites = _site_dirs(root, n)
+        run_config = {"config": str(CONFIG), "out": str(root / "run"), "sites-root": str(sites), "run-name": "bench",
+                      "min-nodes": n, "node-wait": 600.0, "rounds-vae": ROUNDS, "rounds-ibe": 0, "rounds-twin": 0}
+        started = time.perf_counter()
+        status = simulate(run_config, root / "simulation.log")
+        wall = time.perf_counter() - started
+        if status.get("status") != "finished":
+            raise RuntimeError(f"{n} sites: {status.get('message')}: {(root / 'simulation.log').read_text()[-2000:]}")
+        history = [json.loads(l) for l in (root / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rounds = []
+    for entry in history:
+        site_seconds = [s["train-seconds"] for s in entry["sites"].values()]
+        rounds.append({"round": entry["round"], "round_s": entry["seconds"], "slowest_site_s": max(site_seconds),
+                       "sum_site_s": round(sum(site_seconds), 2),
+                       "overhead_s": round(entry["seconds"] - max(site_seconds), 2),
+                       "overhead_share": round(1 - max(site_seconds) / entry["seconds"], 3),
+                       "queueing_bound_s": round(sum(site_seconds) / (os.cpu_count() or 1), 2)})
+    return {"sites": n, "total_wall_s": round(wall, 1), "rounds": rounds,
+            "peak_rss_children_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+
+
+def run(out) -> dict:
+    config = load_config(CONFIG)
+    model_bytes = sum(p.numel() * 4 for p in ECGVAE(config.model.vae).parameters())
+    results: dict = {"note": f"non-private VAE passes of {LOCAL_STEPS} steps, {ROUNDS} rounds, demo config, "
+                             f"{os.cpu_count()} CPU cores, Flower simulation (Ray), 1 CPU per site",
+                     "vae_model_bytes": model_bytes,
+                     "bytes_per_site_per_round": {"server_to_site": model_bytes, "site_to_server": model_bytes,
+                                                  "vs_model_size": 1.0}}
+    for n in SITES:
+        results[f"sites_{n}"] = _one(n)
+        print(n, results[f"sites_{n}"], flush=True)
+    return results
