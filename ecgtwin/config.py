@@ -88,14 +88,19 @@ _CHOICES = {"sampler": {"ddpm", "ddim", "dpm++"}, "injector": {"adax", "adaln", 
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML file."""
+    return load_yaml(ExperimentConfig, path, "configuration file")
+
+
+def load_yaml(cls: type[T], path: str | Path, what: str) -> T:
+    """Read YAML file `path` into dataclass `cls`, with errors that name the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: configuration file does not exist")
+        raise ConfigError(f"{path}: {what} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return from_dict(ExperimentConfig, data, str(path))
+    return from_dict(cls, data, str(path))
 
 
 def to_dict(config: Any) -> dict:

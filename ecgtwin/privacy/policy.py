@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import yaml
-
-from ecgtwin.config import ConfigError, from_dict
+from ecgtwin.config import load_yaml
 
 STAGE_ORDER = ("vae", "ibe", "twin")
 ACCOUNTANTS = ("prv", "rdp")
@@ -124,14 +122,7 @@ class PrivacyPolicy:
 
 def load_policy(path: str | Path) -> PrivacyPolicy:
     """Read and validate a site privacy policy."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: privacy policy does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return from_dict(PrivacyPolicy, data, str(path))
+    return load_yaml(PrivacyPolicy, path, "privacy policy")
 
 
 def ledger_path(policy_path: str | Path) -> Path:
