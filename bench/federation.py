@@ -17,13 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 from ecgtwin.config import load_config
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.federation import simulate
 from ecgtwin.models import ECGVAE
+from ecgtwin.privacy.policy import save_policy, site_policy
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SITES = (3, 10, 30)
@@ -35,10 +34,8 @@ def _site_dirs(root: Path, n: int) -> Path:
     for site_raw in sorted(p.parent for p in (root / "raw").glob("*/metadata.csv")):
         site = root / "sites" / site_raw.name
         prepare_store("synthetic", site_raw, site / "store", on_reject=lambda r: None)
-        policy = {"site": site_raw.name, "private": False,
-                  "stages": {"vae": {"rounds": ROUNDS, "local_steps": LOCAL_STEPS, "batch_patients": 4},
-                             "ibe": {"rounds": 0}, "twin": {"rounds": 0}}}
-        (site / "privacy.yaml").write_text(yaml.safe_dump(policy))
+        save_policy(site_policy(site_raw.name, (ROUNDS, 0, 0), (LOCAL_STEPS, 1, 1), 4, private=False),
+                    site / "privacy.yaml")
     return root / "sites"
 
 

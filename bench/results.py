@@ -23,13 +23,13 @@ import json
 import time
 from pathlib import Path
 
-import yaml
 
+from ecgtwin.checkpoint import STAGES
 from ecgtwin.config import load_config, save_config
+from ecgtwin.privacy.policy import save_policy, site_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
-STAGES = ("vae", "ibe", "twin")
 SETTINGS = ("centralised", "federated", "dp8", "dp3", "adaln", "cross", "ddpm", "noguidance")
 GUIDANCE = 2.0  # condition guidance of every row but `noguidance`
 EVAL_SITE = "site_a"
@@ -105,12 +105,9 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
         site_dir.mkdir(parents=True, exist_ok=True)
         if not (site_dir / "store").exists():
             (site_dir / "store").symlink_to(store.resolve())
-        policy = {"site": site, "private": epsilon is not None, "epsilon": epsilon or 8.0, "delta": 1e-5,
-                  "seed": None, "stages": {s: {"rounds": r, "local_steps": k, "batch_patients": scale.batch_patients,
-                                               "budget_fraction": f}
-                                           for s, r, k, f in zip(STAGES, scale.rounds, scale.local_steps,
-                                                                 scale.budget_fractions)}}
-        (site_dir / "privacy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
+        save_policy(site_policy(site, scale.rounds, scale.local_steps, scale.batch_patients, scale.budget_fractions,
+                                private=epsilon is not None, epsilon=epsilon or 8.0, delta=1e-5),
+                    site_dir / "privacy.yaml")
     config_path = out / "config.yaml"
     save_config(experiment_config(scale), config_path)
     run_config = {"config": str(config_path.resolve()), "out": str((out / "federation").resolve()),

@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ecgtwin.config import load_config
 from ecgtwin.data.prepare import prepare_store
@@ -27,12 +26,13 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.federation import simulate
 from ecgtwin.plot import plot_ecg_paper
-from ecgtwin.privacy import Ledger
+from ecgtwin.checkpoint import STAGES
+from ecgtwin.privacy import Ledger, load_policy
+from ecgtwin.privacy.policy import save_policy, site_policy
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # New conditions for the twins: (report, requested HR)
 TARGETS = (("Atrial fibrillation", 105.0), ("Sinus tachycardia", 120.0), ("Sinus bradycardia", 50.0))
-STAGES = ("vae", "ibe", "twin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +87,8 @@ def run_demo(out: str | Path, demo: DemoConfig = DemoConfig(), progress: bool = 
 
 
 def _write_policy(site_dir: Path, site: str, demo: DemoConfig) -> None:
-    stages = {s: {"rounds": r, "local_steps": k, "batch_patients": demo.batch_patients, "budget_fraction": f}
-              for s, r, k, f in zip(STAGES, demo.rounds, demo.local_steps, demo.budget_fractions)}
-    policy = {"site": site, "private": True, "epsilon": demo.epsilon, "delta": demo.delta, "seed": None,
-              "stages": stages}
-    (site_dir / "privacy.yaml").write_text(yaml.safe_dump(policy, sort_keys=False))
+    save_policy(site_policy(site, demo.rounds, demo.local_steps, demo.batch_patients, demo.budget_fractions,
+                            epsilon=demo.epsilon, delta=demo.delta), site_dir / "privacy.yaml")
 
 
 def _federate(out: Path, demo: DemoConfig, progress: bool) -> dict:
@@ -111,9 +108,9 @@ def _federate(out: Path, demo: DemoConfig, progress: bool) -> dict:
 
 def _privacy(site_dir: Path) -> dict:
     entries = Ledger(site_dir / "state" / "ledger.jsonl").entries()
-    policy = yaml.safe_load((site_dir / "privacy.yaml").read_text())
-    return {"epsilon_spent": entries[-1]["epsilon"] if entries else 0.0, "epsilon_budget": policy["epsilon"],
-            "delta": policy["delta"], "passes": len(entries),
+    policy = load_policy(site_dir / "privacy.yaml")
+    return {"epsilon_spent": entries[-1]["epsilon"] if entries else 0.0, "epsilon_budget": policy.epsilon,
+            "delta": policy.delta, "passes": len(entries),
             "noise_multiplier": {e["stage"]: round(e["noise_multiplier"], 3) for e in entries}}
 
 

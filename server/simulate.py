@@ -28,6 +28,8 @@ def simulate(run_config: dict, num_supernodes: int | None = None, cpus_per_site:
     from client.app import make_app as make_client
     from server.app import make_app as make_server
 
+    # Flower's logger has its own console handler; Ray adds one on the root logger: print each line once
+    logging.getLogger("flwr").propagate = False
     settings = FederationSettings.from_run_config(run_config)
     root = Path(settings.sites_root)
     sites = sorted(p.parent.name for p in root.glob("*/privacy.yaml")) if settings.sites_root else []

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ecgtwin.config import load_yaml
+import yaml
 
-STAGE_ORDER = ("vae", "ibe", "twin")
+from ecgtwin.checkpoint import STAGES
+from ecgtwin.config import load_yaml, to_dict
+
+STAGE_ORDER = STAGES
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 
@@ -123,6 +126,20 @@ class PrivacyPolicy:
 def load_policy(path: str | Path) -> PrivacyPolicy:
     """Read and validate a site privacy policy."""
     return load_yaml(PrivacyPolicy, path, "privacy policy")
+
+
+def site_policy(site: str, rounds: tuple[int, ...], local_steps: tuple[int, ...], batch_patients: int,
+                budget_fractions: tuple[float, ...] | None = None, **settings) -> PrivacyPolicy:
+    """A validated policy planning `rounds[i]` x `local_steps[i]` for each stage in STAGE_ORDER (demo, benchmarks)."""
+    fractions = budget_fractions or (None,) * len(STAGE_ORDER)
+    plans = {s: StagePlan(rounds=r, local_steps=k, batch_patients=batch_patients, budget_fraction=f)
+             for s, r, k, f in zip(STAGE_ORDER, rounds, local_steps, fractions)}
+    return PrivacyPolicy(site=site, stages=StagePlans(**plans), **settings)
+
+
+def save_policy(policy: PrivacyPolicy, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(policy), sort_keys=False))
 
 
 def ledger_path(policy_path: str | Path) -> Path:

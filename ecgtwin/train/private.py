@@ -90,7 +90,7 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
     # charged after everything that can fail without training, and before the first noisy step
     entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run)
     log = checkpoint.path / f"dp_{stage}_loss.jsonl"
-    started, losses, used_patients, used_records = time.perf_counter(), [], set(), 0
+    started, losses, used_patients, used_records, log_lines = time.perf_counter(), [], set(), 0, []
     bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
     built.module.train()
     for step in range(steps):
@@ -103,12 +103,13 @@ def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, o
         losses.append(loss)
         bar.update(1)
         entry_step = {"round": round, "step": step + 1, "loss": loss, "patients": len(chosen)}
-        with log.open("a") as f:
-            f.write(json.dumps(entry_step) + "\n")
+        log_lines.append(json.dumps(entry_step) + "\n")
         if on_step is not None:
             on_step(step + 1, entry_step)
     bar.close()
     checkpoint.save_weights(stage, built.module)
+    with log.open("a") as f:  # once per pass, not per step
+        f.writelines(log_lines)
     finite = [l for l in losses if l == l]
     return {"stage": stage, "round": round, "steps": steps, "patients": n,
             "patients_used": len(used_patients), "records_used": used_records,
