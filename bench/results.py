@@ -1,18 +1,21 @@
 """One row of docs/results.md per command (not run by the tests):
 
     python -m bench.results --setting centralised --out results/
+    python -m bench.results --setting all --out results/      # every row in turn, then results/table.md
 
 Settings: centralised (non-private, one pooled store: the papers' setting) | federated (non-private,
 Flower simulation, 3 sites) | dp8 | dp3 (federated, patient-level DP-SGD at epsilon 8 / 3 per site) |
 adaln | cross (AdaX ablations, centralised) | ddpm (the centralised model sampled with DDPM-1000 instead
-of DPM-Solver++ 25) | noguidance (the centralised model with condition guidance 1 instead of GUIDANCE).
+of DPM-Solver++ 25) | noguidance (the centralised model with condition guidance 1 instead of GUIDANCE) |
+ptbxl (the reader path: centralised on ../shared/data/ptbxl, evaluated on its held-out patients).
 
-Every setting shares, under --out: the synthetic consortium (3 sites, non-IID), the per-site stores, the
-pooled store, and the evaluation encoder of site_a. Every model is evaluated the same way at site_a on its
-held-out patients (held out by the same patient-id hash in every setting, so also from the pooled and
-the federated training). Centralised runs take as many optimiser steps per stage as a federated run
-takes rounds x local steps, so the rows compare equal work. The row is written to OUT/<setting>/row.md
-and printed; the full metrics are in OUT/<setting>/eval/metrics.json.
+Every synthetic setting shares, under --out: the synthetic consortium (3 sites, non-IID), the per-site
+stores, the pooled store, a reference population (another synthetic consortium, its own seed, never
+trained on) and the evaluation encoder trained on it. Every model is evaluated the same way on the
+held-out patients of all three sites together (held out by the same patient-id hash in every setting,
+so also from the pooled and the federated training). Centralised runs take as many optimiser steps per
+stage as a federated run takes rounds x local steps, so the rows compare equal numbers of updates. The
+row is written to OUT/<setting>/row.md and printed; the full metrics are in OUT/<setting>/eval/.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
-
 
 from ecgtwin.checkpoint import STAGES
 from ecgtwin.config import load_config, save_config
@@ -30,58 +33,63 @@ from ecgtwin.privacy.policy import save_policy, site_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
-SETTINGS = ("centralised", "federated", "dp8", "dp3", "adaln", "cross", "ddpm", "noguidance")
+PTBXL = ROOT.parent / "shared" / "data" / "ptbxl"
+SETTINGS = ("centralised", "federated", "dp8", "dp3", "adaln", "cross", "ddpm", "noguidance", "ptbxl")
 GUIDANCE = 2.0  # condition guidance of every row but `noguidance`
-EVAL_SITE = "site_a"
+REFERENCE_SEED = 101  # the reference population that trains the evaluation encoder (the consortium uses Scale.seed)
 
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
     sites: int = 3
-    patients_per_site: int = 40
+    patients_per_site: int = 60
     records_per_patient: int = 3
     seed: int = 0
-    rounds: tuple[int, int, int] = (2, 2, 3)  # as the demo (ecgtwin/demo.py)
-    local_steps: tuple[int, int, int] = (40, 20, 300)
+    rounds: tuple[int, int, int] = (2, 2, 5)
+    local_steps: tuple[int, int, int] = (100, 40, 600)
     batch_patients: int = 8
     budget_fractions: tuple[float, float, float] = (0.3, 0.2, 0.5)
-    held_out_fraction: float = 0.3  # enough held-out patients at one site for an encoder and for twins
+    held_out_fraction: float = 0.3
     twins_per_patient: int = 4
-    encoder_steps: int = 400
+    encoder_steps: int = 600
+
+
+def _store(source: str, root: Path, store: Path) -> Path:
+    from ecgtwin.data.prepare import prepare_store
+
+    if not (store / "manifest.json").is_file():
+        prepare_store(source, root, store, on_reject=lambda r: print(f"rejected: {r}", file=sys.stderr),
+                      progress=False)
+    return store
 
 
 def prepare(out: Path, scale: Scale) -> dict[str, Path]:
-    """Consortium, per-site stores and the pooled store (reused when present)."""
-    from ecgtwin.data.prepare import prepare_store
+    """Consortium, per-site stores, the pooled store and the reference population (reused when present)."""
     from ecgtwin.data.synthetic import synthesize_consortium
 
-    if not (out / "consortium").is_dir():
-        synthesize_consortium(out / "consortium", sites=scale.sites, patients_per_site=scale.patients_per_site,
-                              records_per_patient=scale.records_per_patient, seed=scale.seed, progress=False)
-    stores = {}
-    for site_dir in sorted(p.parent for p in (out / "consortium").glob("*/metadata.csv")):
-        store = out / "sites" / site_dir.name / "store"
-        if not (store / "manifest.json").is_file():
-            prepare_store("synthetic", site_dir, store, on_reject=lambda r: None, progress=False)
-        stores[site_dir.name] = store
-    pooled = out / "pooled-store"
-    if not (pooled / "manifest.json").is_file():
-        prepare_store("synthetic", out / "consortium", pooled, on_reject=lambda r: None, progress=False)
-    stores["pooled"] = pooled
+    for name, seed in (("consortium", scale.seed), ("reference", REFERENCE_SEED)):
+        if not (out / name).is_dir():
+            synthesize_consortium(out / name, sites=scale.sites, patients_per_site=scale.patients_per_site,
+                                  records_per_patient=scale.records_per_patient, seed=seed, progress=False)
+    stores = {site_dir.name: _store("synthetic", site_dir, out / "sites" / site_dir.name / "store")
+              for site_dir in sorted(p.parent for p in (out / "consortium").glob("*/metadata.csv"))}
+    stores["pooled"] = _store("synthetic", out / "consortium", out / "pooled-store")
+    stores["reference"] = _store("synthetic", out / "reference", out / "reference-store")
     return stores
 
 
-def experiment_config(scale: Scale, injector: str = "adax"):
+def experiment_config(scale: Scale, injector: str = "adax", held_out_fraction: float | None = None):
     config = load_config(CONFIG)
-    config.data.held_out_fraction = scale.held_out_fraction
+    config.data.held_out_fraction = scale.held_out_fraction if held_out_fraction is None else held_out_fraction
     config.model.dit.injector = injector
     return config
 
 
-def train_centralised(out: Path, store: Path, scale: Scale, injector: str = "adax") -> Path:
+def train_centralised(out: Path, store: Path, scale: Scale, injector: str = "adax",
+                      held_out_fraction: float | None = None) -> Path:
     from ecgtwin.train.runner import train_stage
 
-    config = experiment_config(scale, injector)
+    config = experiment_config(scale, injector, held_out_fraction)
     for stage, rounds, steps in zip(STAGES, scale.rounds, scale.local_steps):
         getattr(config, stage).steps = rounds * steps
         train_stage(stage, config, store, out, progress=False)  # resumes / returns at once when finished
@@ -90,16 +98,14 @@ def train_centralised(out: Path, store: Path, scale: Scale, injector: str = "ada
 
 def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: float | None) -> Path:
     """Flower simulation over site folders (ecgtwin.federation.simulate, as `ecgtwin federate`)."""
-    try:
-        from ecgtwin.federation import simulate
-    except ImportError as error:  # pragma: no cover - depends on the federation work
-        raise NotImplementedError(f"federated settings need ecgtwin.federation.simulate: {error}") from error
+    from ecgtwin.federation import simulate
+
     model = out / "federation" / "model"
     if (model / "twin.safetensors").is_file():
         return model
     sites_root = out / "sites"
     for site, store in stores.items():
-        if site == "pooled":
+        if not site.startswith("site_"):
             continue
         site_dir = sites_root / site
         site_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +126,10 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
     return model
 
 
+HEADER = ("| setting | FID | P/R/F1 | CLIP | HR MAE | cond. acc. | similarity | identification top-1 |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
 def row(setting: str, m: dict) -> str:
     def f(x, digits=3):
         return "n/a" if x is None else f"{x:.{digits}f}"
@@ -129,6 +139,14 @@ def row(setting: str, m: dict) -> str:
             f"{f(m['similarity'])} | {f(m['identification_top1'], 2)} |")
 
 
+def ceilings(m: dict) -> str:
+    """What the same metrics give for real ECGs (and chance), to read a row against."""
+    s = m["setup"]
+    return (f"real ECGs: CLIP {m['clip_score_real']:.3f}, HR MAE {m['hr_mae_real']:.1f}, condition accuracy "
+            f"{m['condition_accuracy_real']:.2f}; identification chance {m['identification_chance_top1']:.3f}; "
+            f"{s['twins']} twins of {s['twin_patients']} patients against {s['real_targets']} real targets")
+
+
 def run(setting: str, out: Path, scale: Scale = Scale()) -> dict:
     from ecgtwin.evaluate import run_evaluation
 
@@ -136,44 +154,76 @@ def run(setting: str, out: Path, scale: Scale = Scale()) -> dict:
         raise ValueError(f"unknown setting {setting!r} (one of {', '.join(SETTINGS)})")
     out = Path(out)
     started = time.perf_counter()
-    stores = prepare(out, scale)
-    sampler, steps, guidance = None, None, GUIDANCE
-    if setting in ("centralised", "ddpm", "noguidance"):
-        checkpoint = train_centralised(out / "centralised" / "ckpt", stores["pooled"], scale)
-        sampler = "ddpm" if setting == "ddpm" else None
-        guidance = 1.0 if setting == "noguidance" else GUIDANCE
-    elif setting in ("adaln", "cross"):
-        checkpoint = train_centralised(out / setting / "ckpt", stores["pooled"], scale, injector=setting)
+    sampler, guidance, downstream = None, GUIDANCE, True
+    evaluation = {}
+    if setting == "ptbxl":
+        if not (PTBXL / "ptbxl_database.csv").is_file():
+            raise FileNotFoundError(f"{PTBXL}: PTB-XL records are not there (the ptbxl row needs ../shared/data/ptbxl)")
+        store = _store("ptbxl", PTBXL, out / "ptbxl" / "store")
+        # PTB-XL here has 400 ECGs and only 22 patients with two or more: hold half the patients out so
+        # that some of those get twins; the held-out patients with one ECG train the encoder.
+        checkpoint = train_centralised(out / "ptbxl" / "ckpt", store, scale, held_out_fraction=0.5)
+        evaluation = {"store": store, "encoder_fraction": 0.2, "encoder_cache": out / "ptbxl" / "encoder"}
     else:
-        epsilon = {"federated": None, "dp8": 8.0, "dp3": 3.0}[setting]
-        checkpoint = train_federated(out / setting, stores, scale, epsilon)
+        stores = prepare(out, scale)
+        evaluation = {"store": stores["pooled"], "encoder_store": stores["reference"],
+                      "encoder_cache": out / "encoder-reference"}
+        if setting in ("centralised", "ddpm", "noguidance"):
+            checkpoint = train_centralised(out / "centralised" / "ckpt", stores["pooled"], scale)
+            sampler = "ddpm" if setting == "ddpm" else None
+            guidance = 1.0 if setting == "noguidance" else GUIDANCE
+            downstream = setting != "ddpm"  # 1000-step sampling of the downstream twins would dominate the run
+        elif setting in ("adaln", "cross"):
+            checkpoint = train_centralised(out / setting / "ckpt", stores["pooled"], scale, injector=setting)
+        else:
+            epsilon = {"federated": None, "dp8": 8.0, "dp3": 3.0}[setting]
+            checkpoint = train_federated(out / setting, stores, scale, epsilon)
     trained = time.perf_counter()
-    metrics = run_evaluation(checkpoint, stores[EVAL_SITE], out / setting / "eval",
-                             twins_per_patient=scale.twins_per_patient, sampler=sampler, steps=steps,
-                             guidance=guidance, encoder_steps=scale.encoder_steps,
-                             encoder_cache=out / f"encoder-{EVAL_SITE}", progress=False)
+    metrics = run_evaluation(checkpoint, out=out / setting / "eval", twins_per_patient=scale.twins_per_patient,
+                             sampler=sampler, guidance=guidance, encoder_steps=scale.encoder_steps,
+                             downstream=downstream, progress=False, **evaluation)
     line = row(setting, metrics)
     (out / setting).mkdir(parents=True, exist_ok=True)
     (out / setting / "row.md").write_text(line + "\n")
-    summary = {"setting": setting, "row": line, "scale": dataclasses.asdict(scale),
+    summary = {"setting": setting, "row": line, "ceilings": ceilings(metrics), "scale": dataclasses.asdict(scale),
                "train_seconds": round(trained - started, 1), "eval_seconds": metrics["seconds"],
                "metrics": str(out / setting / "eval" / "metrics.json")}
     (out / setting / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+def table(out: Path) -> str:
+    """The measured rows under OUT, in SETTINGS order, as markdown (also written to OUT/table.md)."""
+    lines = [HEADER]
+    for setting in SETTINGS:
+        summary = out / setting / "summary.json"
+        if summary.is_file():
+            s = json.loads(summary.read_text())
+            lines.append(s["row"])
+            lines.append(f"<!-- {setting}: {s['ceilings']}; train {s['train_seconds']} s, "
+                         f"evaluation {s['eval_seconds']} s -->")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", required=True, choices=SETTINGS)
+    parser.add_argument("--setting", required=True, choices=(*SETTINGS, "all"))
     parser.add_argument("--out", required=True, type=Path, help="shared folder for all settings")
     parser.add_argument("--patients-per-site", type=int, default=Scale.patients_per_site)
     parser.add_argument("--twin-local-steps", type=int, default=Scale.local_steps[2],
-                        help="twin-stage local steps per round (x 3 rounds; centralised: the total); default 300")
+                        help=f"twin-stage local steps per round (x {Scale.rounds[2]} rounds; centralised: the total)")
     args = parser.parse_args()
-    steps = (*Scale.local_steps[:2], args.twin_local_steps)
-    summary = run(args.setting, args.out, Scale(patients_per_site=args.patients_per_site, local_steps=steps))
-    print(json.dumps(summary, indent=2))
+    scale = Scale(patients_per_site=args.patients_per_site,
+                  local_steps=(*Scale.local_steps[:2], args.twin_local_steps))
+    for setting in SETTINGS if args.setting == "all" else (args.setting,):
+        if args.setting == "all" and setting == "ptbxl" and not PTBXL.is_dir():
+            print(f"ptbxl: skipped, {PTBXL} is not there", file=sys.stderr)
+            continue
+        print(json.dumps(run(setting, args.out, scale), indent=2), flush=True)
+    print(table(args.out))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ class GenerateConfig:
     guidance_condition: float = 1.0
     guidance_person: float = 1.0
     out_fs: float = 500.0
+    # derived: project the decoder's six limb leads onto the plane that Einthoven's and Goldberger's
+    # laws allow (ecgtwin.signal.project_limb_leads); raw: the decoder's leads as they are.
+    limb_leads: str = "derived"
 
 
 @dataclasses.dataclass
@@ -83,7 +86,8 @@ class ExperimentConfig:
 _POSITIVE = {"n_samples", "duration_s", "steps", "batch_size", "lr", "log_every", "checkpoint_every",
              "temperature", "noise_draws", "max_statements", "out_fs"}
 _FRACTIONS = {"held_out_fraction", "cond_dropout", "base_dropout"}
-_CHOICES = {"sampler": {"ddpm", "ddim", "dpm++"}, "injector": {"adax", "adaln", "cross"}}
+_CHOICES = {"sampler": {"ddpm", "ddim", "dpm++"}, "injector": {"adax", "adaln", "cross"},
+            "limb_leads": {"derived", "raw"}}
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

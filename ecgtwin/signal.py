@@ -40,3 +40,28 @@ def heart_rate(signal: np.ndarray, fs: float) -> float:
         if len(peaks) >= 3:
             rates.append(60.0 * fs / np.mean(np.diff(peaks)))
     return float(np.median(rates)) if rates else float("nan")
+
+
+def _limb_basis() -> np.ndarray:
+    """(6, 2): the six limb leads as combinations of I and II (Einthoven's and Goldberger's laws)."""
+    return np.array([[1.0, 0.0],     # I
+                     [0.0, 1.0],     # II
+                     [-1.0, 1.0],    # III = II - I
+                     [-0.5, -0.5],   # aVR = -(I + II) / 2
+                     [1.0, -0.5],    # aVL = I - II / 2
+                     [-0.5, 1.0]])   # aVF = II - I / 2
+
+
+def project_limb_leads(signals: np.ndarray) -> np.ndarray:
+    """The nearest (least squares) signals whose six limb leads obey II = I + III and Goldberger's laws.
+
+    The limb leads of a real ECG span only two dimensions; a generator's decoder emits six of them
+    independently. Projecting onto that plane can only move a twin closer to any physically consistent
+    ECG (a projection is non-expansive), and leaves the precordial leads V1-V6 untouched.
+    """
+    x = np.array(signals, dtype=np.float32, copy=True)
+    limb = [LEADS.index(name) for name in ("I", "II", "III", "aVR", "aVL", "aVF")]
+    basis = _limb_basis()
+    projection = (basis @ np.linalg.pinv(basis)).astype(np.float32)  # (6, 6), symmetric, idempotent
+    x[..., limb, :] = np.einsum("ij,...jt->...it", projection, x[..., limb, :])
+    return x

@@ -27,7 +27,7 @@ from ecgtwin.data.wfdb_io import header_fields, write_wfdb
 from ecgtwin.models import LATENT_SCALE, ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor
 from ecgtwin.models import guided_model_fn
 from ecgtwin.plot import plot_ecg_paper
-from ecgtwin.signal import heart_rate
+from ecgtwin.signal import heart_rate, project_limb_leads
 from ecgtwin.text import split_statements
 from ecgtwin.train.runner import load_conditioner
 
@@ -157,7 +157,8 @@ class TwinGenerator:
         latents = self.diffusion.sample(model_fn, shape, sampler=sampler or settings.sampler,
                                         steps=steps or settings.steps, generator=generator, device=self.device,
                                         progress=progress)
-        return self.vae.decode(latents / LATENT_SCALE).cpu().numpy()
+        twins = self.vae.decode(latents / LATENT_SCALE).cpu().numpy()
+        return project_limb_leads(twins) if settings.limb_leads == "derived" else twins
 
 
 def to_rate(signals: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:

@@ -14,6 +14,7 @@ import pytest
 
 from ecgtwin.cli import main
 from ecgtwin.data.record import LEADS
+from ecgtwin.data.store import SiteStore
 from ecgtwin.evaluate import metrics as M
 from ecgtwin.evaluate.downstream import classification_scores, fit_head, predict
 
@@ -217,6 +218,8 @@ def test_evaluate_end_to_end_writes_every_metric_and_the_report(tiny, tmp_path):
     assert metrics["fid"] >= 0 and 0 <= metrics["precision"] <= 1 and -1 <= metrics["clip_score"] <= 1
     assert set(metrics["downstream"]) >= {"none", "personalised", "non_personalised"}
     assert metrics["sanity"]["twins"]["n"] == metrics["setup"]["twins"] > 0
+    # the generator derives the limb leads by default, so every twin keeps II = I + III
+    assert metrics["sanity"]["twins"]["einthoven_relative_residual"]["max"] < 1e-4
     setup = metrics["setup"]
     assert setup["twin_patients"] >= 2 and setup["encoder_patients"] >= 1 and not setup["encoder_cached"]
     for name in ("report.html", "tsne_patient.png", "tsne_condition.png", "real_vs_twin_0.png"):
@@ -254,3 +257,39 @@ def test_evaluate_refuses_bad_checkpoints_and_stores_with_one_line(tiny, tmp_pat
     code, _, err = run_cli("evaluate", "--checkpoint", str(tiny["ckpt"]), "--store", str(tiny["store"]),
                            "--out", str(tmp_path / "o"), "--twins-per-patient", "0")
     assert code == 1 and "at least 1" in err
+
+
+def test_raw_limb_leads_of_the_decoder_break_einthoven_and_derived_ones_do_not(tiny):
+    from ecgtwin.twin import Condition, TwinGenerator, reference_from_store
+
+    generator = TwinGenerator(tiny["ckpt"])
+    reference = reference_from_store(SiteStore(tiny["store"]), 0)
+    condition = Condition("Sinus rhythm. Normal ECG.", 70.0)
+    residual = {}
+    for mode in ("raw", "derived"):
+        generator.config.generate.limb_leads = mode
+        twins = generator.generate(reference, condition, n=2, steps=2, seed=1)
+        residual[mode] = M.einthoven_residual(M.SignalSet(twins, SiteStore(tiny["store"]).fs)).min()
+    assert residual["raw"] > 0.05 and residual["derived"] < 1e-4, residual
+
+
+def test_patients_with_one_ecg_train_the_encoder_and_never_get_twins():
+    from ecgtwin.config import load_config
+    from ecgtwin.evaluate.run import choose_patients, held_out_patients
+
+    class Store:  # the two questions choose_patients asks of a site store
+        path = Path("store")
+        patients = [f"p{i:03d}" for i in range(200)]
+
+        def records_of(self, patient):
+            return np.arange(1 if int(patient[1:]) % 2 else 3)  # odd ids: a single ECG
+
+    config = load_config(CONFIG)
+    config.data.held_out_fraction = 0.5
+    store = Store()
+    held = held_out_patients(store, config)
+    encoder, twins = choose_patients(store, config, 0.5, None, None)
+    assert twins and all(len(store.records_of(p)) >= 2 for p in twins)
+    assert set(encoder) | set(twins) == set(held) and not set(encoder) & set(twins)
+    singles = [p for p in held if len(store.records_of(p)) == 1]
+    assert singles and set(singles) <= set(encoder)

@@ -77,13 +77,15 @@ def choose_patients(store: SiteStore, config, encoder_fraction: float, encoder_s
     if not held:
         raise ValueError(f"{store.path}: no patient is held out from the generator's training "
                          f"(held_out_fraction {config.data.held_out_fraction}); nothing fair to evaluate on")
+    # Only a patient with two or more ECGs has a reference and a target; the others can still train the encoder.
+    several = [p for p in held if len(store.records_of(p)) >= 2]
     if encoder_store is not None:
-        enc, twin = [], held
+        enc, twin = [], several
     else:
         if not 0 < encoder_fraction < 1:
             raise ValueError(f"encoder fraction must be in (0, 1), got {encoder_fraction}")
-        twin, enc = split_patients(held, encoder_fraction, ENCODER_SPLIT_SEED)
-    twin = [p for p in twin if len(store.records_of(p)) >= 2]
+        twin, enc = split_patients(several, encoder_fraction, ENCODER_SPLIT_SEED)
+        enc = sorted(set(enc) | (set(held) - set(several)), key=held.index)
     if max_patients is not None:
         twin = twin[:max_patients]
     if len(twin) < 2:
