@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench results clean
 
 install: $(STAMP)
 
@@ -31,5 +31,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench --out bench-results
 
+results: $(STAMP)
+	$(BIN)/python -m bench.results --setting all --out results
+
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) bench-results .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) bench-results results .pytest_cache

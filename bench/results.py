@@ -1,7 +1,7 @@
 """One row of docs/results.md per command (not run by the tests):
 
     python -m bench.results --setting centralised --out results/
-    python -m bench.results --setting all --out results/      # every row in turn, then results/table.md
+    python -m bench.results --setting all --out results/      # every row, then results/table.md and results.png
 
 Settings: centralised (non-private, one pooled store: the papers' setting) | federated (non-private,
 Flower simulation, 3 sites) | dp8 | dp3 (federated, patient-level DP-SGD at epsilon 8 / 3 per site) |
@@ -207,6 +207,37 @@ def table(out: Path) -> str:
     return text
 
 
+FIGURE_METRICS = (("fid", "FID (lower is better)"), ("f1", "k-NN F1"), ("clip_score", "CLIP score"),
+                  ("hr_mae", "HR MAE, bpm (lower is better)"), ("condition_accuracy", "condition accuracy"),
+                  ("identification_top1", "identification top-1"))
+
+
+def figure(out: Path) -> Path | None:
+    """OUT/results.png: one panel per metric, one bar per measured setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = {s: json.loads((out / s / "eval" / "metrics.json").read_text())
+                for s in SETTINGS if (out / s / "summary.json").is_file()}
+    if not measured:
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, title) in zip(axes.flat, FIGURE_METRICS):
+        values = [measured[s].get(key) for s in measured]
+        ax.bar(range(len(values)), [float("nan") if v is None else v for v in values], color="tab:blue")
+        ax.set_xticks(range(len(values)), list(measured), rotation=45, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"ecgtwin results ({out.name})")
+    fig.tight_layout()
+    path = out / "results.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,6 +255,7 @@ def main() -> None:
             continue
         print(json.dumps(run(setting, args.out, scale), indent=2), flush=True)
     print(table(args.out))
+    print(f"figure: {figure(args.out)}")
 
 
 if __name__ == "__main__":

@@ -211,6 +211,8 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     result["hr_measured_share"] = hr["hr_measured_share"]
     hr_real = M.measured_hr(target_set)
     result["hr_mae_real"] = M.hr_mae(conditioning_hr(site.records.iloc[target_rows]), hr_real)["hr_mae"]
+    # what a twin that kept its reference's own rate would score: the bar for following the requested HR
+    result["hr_mae_keep_reference"] = M.hr_mae(twins.hr, conditioning_hr(site.records.iloc[twins.reference_rows]))["hr_mae"]
 
     codes = encoder.codes
     if codes:
