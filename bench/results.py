@@ -139,6 +139,21 @@ def row(setting: str, m: dict) -> str:
             f"{f(m['similarity'])} | {f(m['identification_top1'], 2)} |")
 
 
+INTERVALS_HEADER = ("| setting | FID | CLIP | HR MAE | cond. acc. | similarity | identification top-1 |\n"
+                    "|---|---|---|---|---|---|---|")
+INTERVAL_KEYS = (("fid", 1), ("clip_score", 3), ("hr_mae", 1), ("condition_accuracy", 2), ("similarity", 3),
+                 ("identification_top1", 2))
+
+
+def intervals_row(setting: str, m: dict) -> str:
+    """The 95 % patient-bootstrap intervals of a row (ecgtwin.evaluate.bootstrap)."""
+    cells = []
+    for key, digits in INTERVAL_KEYS:
+        low_high = m.get("intervals", {}).get(key)
+        cells.append("n/a" if not low_high else f"{low_high[0]:.{digits}f}-{low_high[1]:.{digits}f}")
+    return f"| {setting} | " + " | ".join(cells) + " |"
+
+
 def ceilings(m: dict) -> str:
     """What the same metrics give for real ECGs (and chance), to read a row against."""
     s = m["setup"]
@@ -185,7 +200,8 @@ def run(setting: str, out: Path, scale: Scale = Scale()) -> dict:
     line = row(setting, metrics)
     (out / setting).mkdir(parents=True, exist_ok=True)
     (out / setting / "row.md").write_text(line + "\n")
-    summary = {"setting": setting, "row": line, "ceilings": ceilings(metrics), "scale": dataclasses.asdict(scale),
+    summary = {"setting": setting, "row": line, "intervals_row": intervals_row(setting, metrics),
+               "ceilings": ceilings(metrics), "scale": dataclasses.asdict(scale),
                "train_seconds": round(trained - started, 1), "eval_seconds": metrics["seconds"],
                "metrics": str(out / setting / "eval" / "metrics.json")}
     (out / setting / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -194,15 +210,15 @@ def run(setting: str, out: Path, scale: Scale = Scale()) -> dict:
 
 def table(out: Path) -> str:
     """The measured rows under OUT, in SETTINGS order, as markdown (also written to OUT/table.md)."""
-    lines = [HEADER]
+    lines, intervals, notes = [HEADER], ["", "95 % patient-bootstrap intervals:", "", INTERVALS_HEADER], [""]
     for setting in SETTINGS:
         summary = out / setting / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
             lines.append(s["row"])
-            lines.append(f"<!-- {setting}: {s['ceilings']}; train {s['train_seconds']} s, "
-                         f"evaluation {s['eval_seconds']} s -->")
-    text = "\n".join(lines) + "\n"
+            intervals.append(s.get("intervals_row", f"| {setting} | not computed |"))
+            notes.append(f"- {setting}: {s['ceilings']}; train {s['train_seconds']} s, evaluation {s['eval_seconds']} s")
+    text = "\n".join(lines + intervals + notes) + "\n"
     (out / "table.md").write_text(text)
     return text
 

@@ -220,6 +220,9 @@ def test_evaluate_end_to_end_writes_every_metric_and_the_report(tiny, tmp_path):
     assert metrics["sanity"]["twins"]["n"] == metrics["setup"]["twins"] > 0
     # the generator derives the limb leads by default, so every twin keeps II = I + III
     assert metrics["sanity"]["twins"]["einthoven_relative_residual"]["max"] < 1e-4
+    for key in ("fid", "clip_score", "hr_mae", "similarity", "identification_top1"):
+        low, high = metrics["intervals"][key]
+        assert low <= high, key
     setup = metrics["setup"]
     assert setup["twin_patients"] >= 2 and setup["encoder_patients"] >= 1 and not setup["encoder_cached"]
     for name in ("report.html", "tsne_patient.png", "tsne_condition.png", "real_vs_twin_0.png"):
@@ -293,3 +296,20 @@ def test_patients_with_one_ecg_train_the_encoder_and_never_get_twins():
     assert set(encoder) | set(twins) == set(held) and not set(encoder) & set(twins)
     singles = [p for p in held if len(store.records_of(p)) == 1]
     assert singles and set(singles) <= set(encoder)
+
+
+def test_patient_bootstrap_interval_of_a_mean_has_the_normal_width():
+    from ecgtwin.evaluate.bootstrap import patient_bootstrap, rows_of
+
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(100), 3)  # three twins per patient, sharing the patient's value
+    values = np.repeat(rng.normal(0, 1, 100), 3)
+    interval = patient_bootstrap(lambda s: {"mean": values[rows_of(s, patients)].mean()}, patients, draws=400)
+    low, high = interval["mean"]
+    assert low < values.mean() < high
+    # patients, not twins, are the unit: the width is that of 100 draws (2 x 1.96 / 10), not of 300
+    assert 0.3 < high - low < 0.48, high - low
+    flat = patient_bootstrap(lambda s: {"same": 1.0}, patients, draws=20)
+    assert flat["same"] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="at least 2 patients"):
+        patient_bootstrap(lambda s: {}, np.zeros(5))

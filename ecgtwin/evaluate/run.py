@@ -27,6 +27,7 @@ from ecgtwin.conditioning import SEX_CODE, conditioning_hr, report_text
 from ecgtwin.data.record import LEADS
 from ecgtwin.data.store import SiteStore
 from ecgtwin.evaluate import metrics as M
+from ecgtwin.evaluate.bootstrap import patient_bootstrap, rows_of
 from ecgtwin.evaluate.encoder import EncoderConfig, EvaluationEncoder, encoder_key, multi_hot, train_encoder
 from ecgtwin.train.data import split_patients
 
@@ -234,6 +235,9 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     ident = M.identification(f_twin, twins.patients, f_real, real_patients)
     result.update(ident)
     result["sanity"] = {"twins": M.sanity(twin_set, hr_twin), "real": M.sanity(target_set, hr_real)}
+    target_patients = site.records.patient_id.to_numpy()[target_rows]
+    result["intervals"] = headline_intervals(twins, f_twin, f_real, real_patients, f_target, target_patients,
+                                             encoder, hr_twin, seed)
 
     result["downstream"] = (run_downstream(generator, encoder, site, enc_source, enc_rows, twin_patients,
                                            n_twins=downstream_twins, sampler=sampler, steps=steps,
@@ -257,6 +261,30 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     if report:
         result["report"] = str(write_report(out, result, site, twins, f_twin, f_real, real_rows, encoder))
     return result
+
+
+def headline_intervals(twins: TwinSet, f_twin: np.ndarray, f_real: np.ndarray, real_patients: np.ndarray,
+                       f_target: np.ndarray, target_patients: np.ndarray, encoder: EvaluationEncoder,
+                       hr_twin: np.ndarray, seed: int) -> dict[str, list[float]]:
+    """95 % patient-bootstrap intervals of FID, CLIP, HR MAE, condition accuracy, similarity, identification."""
+    text = encoder.text_features(twins.reports)
+    requested = multi_hot(twins.labels, encoder.codes) if encoder.codes else None
+    probabilities = encoder.condition_probabilities(f_twin) if encoder.codes else None
+
+    def compute(sample: np.ndarray) -> dict[str, float]:
+        t = rows_of(sample, twins.patients)  # the twins are the sample; the real gallery stays whole
+        out = {"fid": M.fid(f_target[rows_of(sample, target_patients)], f_twin[t]),
+               "clip_score": M.clip_score(f_twin[t], text[t]),
+               "hr_mae": M.hr_mae(twins.hr[t], hr_twin[t])["hr_mae"],
+               "similarity": M.similarity_score(f_twin[t], twins.patients[t], f_real, real_patients),
+               "identification_top1": M.identification(f_twin[t], twins.patients[t], f_real,
+                                                       real_patients)["identification_top1"]}
+        if requested is not None:
+            out["condition_accuracy"] = M.condition_scores(requested[t], probabilities[t],
+                                                           encoder.codes)["condition_accuracy"]
+        return out
+
+    return patient_bootstrap(compute, twins.patients, seed=seed)
 
 
 def _jsonable(x):
