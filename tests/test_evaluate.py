@@ -20,7 +20,7 @@ from ecgtwin.evaluate.downstream import classification_scores, fit_head, predict
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 FS = 102.4
-KEYS = ("fid", "precision", "recall", "f1", "clip_score", "hr_mae", "hr_mae_keep_reference", "condition_accuracy", "per_condition",
+KEYS = ("fid", "precision", "recall", "f1", "clip_score", "hr_mae", "hr_mae_keep_reference", "vae_relative_error", "condition_accuracy", "per_condition",
         "similarity", "silhouette", "identification_top1", "identification_top5", "downstream", "sanity")
 
 

@@ -235,6 +235,7 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     ident = M.identification(f_twin, twins.patients, f_real, real_patients)
     result.update(ident)
     result["sanity"] = {"twins": M.sanity(twin_set, hr_twin), "real": M.sanity(target_set, hr_real)}
+    result["vae_relative_error"] = vae_relative_error(generator, target_set.signals)
     target_patients = site.records.patient_id.to_numpy()[target_rows]
     result["intervals"] = headline_intervals(twins, f_twin, f_real, real_patients, f_target, target_patients,
                                              encoder, hr_twin, seed)
@@ -261,6 +262,17 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     if report:
         result["report"] = str(write_report(out, result, site, twins, f_twin, f_real, real_rows, encoder))
     return result
+
+
+def vae_relative_error(generator, signals: np.ndarray) -> float:
+    """|decode(encode(x)) - x|^2 / |x|^2 over real ECGs: how much of the twins' distance to real ECGs the
+    VAE alone already costs (0 = perfect reconstruction, 1 = as far off as a flat line)."""
+    import torch
+
+    x = torch.tensor(np.asarray(signals), dtype=torch.float32, device=generator.device)
+    with torch.no_grad():
+        reconstruction = generator.vae.decode(generator.vae.encode(x)[0])
+    return float(((reconstruction - x) ** 2).sum() / (x ** 2).sum())
 
 
 def headline_intervals(twins: TwinSet, f_twin: np.ndarray, f_real: np.ndarray, real_patients: np.ndarray,
