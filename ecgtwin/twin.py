@@ -157,8 +157,13 @@ class TwinGenerator:
         latents = self.diffusion.sample(model_fn, shape, sampler=sampler or settings.sampler,
                                         steps=steps or settings.steps, generator=generator, device=self.device,
                                         progress=progress)
+        return self.decode(latents)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Scaled latents -> (n, 12, n_samples) mV signals, limb leads derived unless the config says raw."""
         twins = self.vae.decode(latents / LATENT_SCALE).cpu().numpy()
-        return project_limb_leads(twins) if settings.limb_leads == "derived" else twins
+        return project_limb_leads(twins) if self.config.generate.limb_leads == "derived" else twins
 
 
 def to_rate(signals: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:

@@ -275,6 +275,13 @@ def test_raw_limb_leads_of_the_decoder_break_einthoven_and_derived_ones_do_not(t
         residual[mode] = M.einthoven_residual(M.SignalSet(twins, SiteStore(tiny["store"]).fs)).min()
     assert residual["raw"] > 0.05 and residual["derived"] < 1e-4, residual
 
+    # the downstream panel samples its own batch: its twins pass through the same decoder step
+    from ecgtwin.evaluate.downstream import panel_twins
+
+    panel = [{"report": "Sinus rhythm. Normal ECG.", "hr": 70.0}, {"report": "Atrial fibrillation.", "hr": 110.0}]
+    twins = panel_twins(generator, reference, panel, 2, None, 2, None, seed=1)
+    assert M.einthoven_residual(M.SignalSet(twins, SiteStore(tiny["store"]).fs)).max() < 1e-4
+
 
 def test_patients_with_one_ecg_train_the_encoder_and_never_get_twins():
     from ecgtwin.config import load_config

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from ecgtwin.conditioning import SEX_CODE, conditioning_hr, report_text
 from ecgtwin.data.store import SiteStore
 from ecgtwin.evaluate.encoder import EvaluationEncoder, multi_hot, record_codes
-from ecgtwin.models import LATENT_SCALE, guided_model_fn
+from ecgtwin.models import guided_model_fn
 
 
 def condition_panel(store: SiteStore, rows: np.ndarray, codes: list[str]) -> list[dict]:
@@ -70,7 +70,7 @@ def panel_twins(generator, reference, panel: list[dict], n: int, sampler: str | 
                                          steps=steps or settings.steps,
                                          generator=torch.Generator(device=generator.device).manual_seed(seed),
                                          device=generator.device)
-    return generator.vae.decode(latents / LATENT_SCALE).cpu().numpy()
+    return generator.decode(latents)
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, init: tuple[torch.Tensor, torch.Tensor] | None = None,

@@ -203,7 +203,8 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     result: dict = {"fid": M.fid(f_target, f_twin)}
     pr = M.precision_recall(f_target, f_twin, k=3)
     result.update({"precision": pr["precision"], "recall": pr["recall"], "f1": pr["f1"]})
-    result["clip_score"] = M.clip_score(f_twin, encoder.text_features(twins.reports))
+    text_twin = encoder.text_features(twins.reports)
+    result["clip_score"] = M.clip_score(f_twin, text_twin)
     result["clip_score_real"] = M.clip_score(
         f_target, encoder.text_features([report_text(site.records.iloc[int(r)]) for r in target_rows]))
     hr_twin = M.measured_hr(twin_set)
@@ -213,11 +214,13 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     hr_real = M.measured_hr(target_set)
     result["hr_mae_real"] = M.hr_mae(conditioning_hr(site.records.iloc[target_rows]), hr_real)["hr_mae"]
     # what a twin that kept its reference's own rate would score: the bar for following the requested HR
-    result["hr_mae_keep_reference"] = M.hr_mae(twins.hr, conditioning_hr(site.records.iloc[twins.reference_rows]))["hr_mae"]
+    hr_reference = conditioning_hr(site.records.iloc[twins.reference_rows])
+    result["hr_mae_keep_reference"] = M.hr_mae(twins.hr, hr_reference)["hr_mae"]
 
     codes = encoder.codes
+    prob_twin = encoder.condition_probabilities(f_twin) if codes else None
     if codes:
-        cond = M.condition_scores(multi_hot(twins.labels, codes), encoder.condition_probabilities(f_twin), codes)
+        cond = M.condition_scores(multi_hot(twins.labels, codes), prob_twin, codes)
         real_cond = M.condition_scores(multi_hot(site.records.labels.to_numpy()[target_rows], codes),
                                        encoder.condition_probabilities(f_target), codes)
         for code, entry in cond["per_condition"].items():
@@ -237,8 +240,8 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     result["sanity"] = {"twins": M.sanity(twin_set, hr_twin), "real": M.sanity(target_set, hr_real)}
     result["vae_relative_error"] = vae_relative_error(generator, target_set.signals)
     target_patients = site.records.patient_id.to_numpy()[target_rows]
-    result["intervals"] = headline_intervals(twins, f_twin, f_real, real_patients, f_target, target_patients,
-                                             encoder, hr_twin, seed)
+    result["intervals"] = headline_intervals(twins, f_twin, text_twin, prob_twin, codes, f_real, real_patients,
+                                             f_target, target_patients, hr_twin, seed)
 
     result["downstream"] = (run_downstream(generator, encoder, site, enc_source, enc_rows, twin_patients,
                                            n_twins=downstream_twins, sampler=sampler, steps=steps,
@@ -275,13 +278,12 @@ def vae_relative_error(generator, signals: np.ndarray) -> float:
     return float(((reconstruction - x) ** 2).sum() / (x ** 2).sum())
 
 
-def headline_intervals(twins: TwinSet, f_twin: np.ndarray, f_real: np.ndarray, real_patients: np.ndarray,
-                       f_target: np.ndarray, target_patients: np.ndarray, encoder: EvaluationEncoder,
-                       hr_twin: np.ndarray, seed: int) -> dict[str, list[float]]:
-    """95 % patient-bootstrap intervals of FID, CLIP, HR MAE, condition accuracy, similarity, identification."""
-    text = encoder.text_features(twins.reports)
-    requested = multi_hot(twins.labels, encoder.codes) if encoder.codes else None
-    probabilities = encoder.condition_probabilities(f_twin) if encoder.codes else None
+def headline_intervals(twins: TwinSet, f_twin: np.ndarray, text: np.ndarray, probabilities: np.ndarray | None,
+                       codes: list[str], f_real: np.ndarray, real_patients: np.ndarray, f_target: np.ndarray,
+                       target_patients: np.ndarray, hr_twin: np.ndarray, seed: int) -> dict[str, list[float]]:
+    """95 % patient-bootstrap intervals of FID, CLIP, HR MAE, condition accuracy, similarity, identification
+    (from the features, probabilities and rates already computed for the point values)."""
+    requested = multi_hot(twins.labels, codes) if codes else None
 
     def compute(sample: np.ndarray) -> dict[str, float]:
         t = rows_of(sample, twins.patients)  # the twins are the sample; the real gallery stays whole
@@ -292,8 +294,7 @@ def headline_intervals(twins: TwinSet, f_twin: np.ndarray, f_real: np.ndarray, r
                "identification_top1": M.identification(f_twin[t], twins.patients[t], f_real,
                                                        real_patients)["identification_top1"]}
         if requested is not None:
-            out["condition_accuracy"] = M.condition_scores(requested[t], probabilities[t],
-                                                           encoder.codes)["condition_accuracy"]
+            out["condition_accuracy"] = M.condition_scores(requested[t], probabilities[t], codes)["condition_accuracy"]
         return out
 
     return patient_bootstrap(compute, twins.patients, seed=seed)
