@@ -291,7 +291,10 @@ def main() -> None:
         if args.setting == "all" and setting == "ptbxl" and not PTBXL.is_dir():
             print(f"ptbxl: skipped, {PTBXL} is not there", file=sys.stderr)
             continue
-        print(json.dumps(run(setting, args.out, scale), indent=2), flush=True)
+        try:
+            print(json.dumps(run(setting, args.out, scale), indent=2), flush=True)
+        except (FileNotFoundError, ValueError, RuntimeError) as error:  # one line; the other settings go on
+            print(f"{setting}: failed: {error}", file=sys.stderr)
     print(table(args.out))
     print(f"figure: {figure(args.out)}")
 
