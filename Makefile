@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench results clean
+.PHONY: install demo test bench results tables clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ bench: $(STAMP)
 
 results: $(STAMP)
 	$(BIN)/python -m bench.results --setting all --out results
+
+tables: $(STAMP)
+	$(BIN)/python -m bench.tables
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) bench-results results .pytest_cache

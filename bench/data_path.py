@@ -27,7 +27,7 @@ def run(out: Path) -> dict:
                         "records_kept": kept, "seconds": summary["seconds"],
                         "records_per_s": round(kept / summary["seconds"], 1)}
         else:
-            results["prepare"] = f"skipped: no PTB-XL at {ptbxl}"
+            results["skipped"] = f"ptbxl: no PTB-XL at {ptbxl}"
         start = time.perf_counter()
         summary = synthesize_consortium(Path(tmp) / "synth", sites=3, patients_per_site=10, records_per_patient=3, seed=1)
         seconds = time.perf_counter() - start

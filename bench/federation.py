@@ -11,6 +11,7 @@ Bytes per site per round: what the server sends (the stage's global weights) and
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import tempfile
@@ -18,11 +19,11 @@ import time
 from pathlib import Path
 
 from ecgtwin.config import load_config
+from ecgtwin.coordinator.launch import simulate
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.synthetic import synthesize_consortium
-from ecgtwin.federation import simulate
-from ecgtwin.models import ECGVAE
 from ecgtwin.privacy.policy import save_policy, site_policy
+from ecgtwin.weights import model_shapes
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SITES = (3, 10, 30)
@@ -65,7 +66,8 @@ def _one(n: int) -> dict:
 
 def run(out) -> dict:
     config = load_config(CONFIG)
-    model_bytes = sum(p.numel() * 4 for p in ECGVAE(config.model.vae).parameters())
+    # float32 tensors of the VAE: what the server sends and a site replies each round
+    model_bytes = sum(math.prod(shape) * 4 for shape in model_shapes("vae", config).values())
     results: dict = {"note": f"non-private VAE passes of {LOCAL_STEPS} steps, {ROUNDS} rounds, demo config, "
                              f"{os.cpu_count()} CPU cores, Flower simulation (Ray), 1 CPU per site",
                      "vae_model_bytes": model_bytes,

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 
-from ecgtwin.config import load_config
+from ecgtwin.config import STAGES, load_config
 from ecgtwin.data.prepare import prepare_store
+from ecgtwin.data.signal import r_peaks
+from ecgtwin.data.split import split_patients
 from ecgtwin.data.store import SiteStore
 from ecgtwin.data.synthetic import synthesize_consortium
-from ecgtwin.signal import r_peaks
-from ecgtwin.train.data import split_patients
-from ecgtwin.train.runner import train_stage
+from ecgtwin.train.centralised import train_stage
 from ecgtwin.twin import Condition, Reference, TwinGenerator
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -57,7 +57,7 @@ def run(out: Path) -> dict:
         prepare_store("synthetic", tmp / "c", tmp / "s", on_reject=lambda r: None)
         config = load_config(CONFIG)
         started = time.perf_counter()
-        for stage in ("vae", "ibe", "twin"):
+        for stage in STAGES:
             train_stage(stage, config, tmp / "s", tmp / "ckpt", progress=True)
         train_seconds = time.perf_counter() - started
         store = SiteStore(tmp / "s")
@@ -66,7 +66,7 @@ def run(out: Path) -> dict:
         keep = [i for i, l in enumerate(labels) if l]
         features = np.stack([rhythm_features(np.asarray(store.signals[i]), fs) for i in keep])
         classifier = RandomForestClassifier(n_estimators=200, random_state=0).fit(features, [labels[i] for i in keep])
-        _, held = split_patients(store.patients, config.data.held_out_fraction, 0)
+        _, held = split_patients(store.patients, config.data.held_out_fraction, config.data.split_seed)
         patients = (held + [p for p in store.patients if p not in held])[:REFERENCES]
         generator = TwinGenerator(tmp / "ckpt")
         results = {"train_seconds": round(train_seconds, 1), "references": len(patients),

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from ecgtwin.checkpoint import STAGES
+from ecgtwin.config import STAGES
 from ecgtwin.config import load_config, save_config
 from ecgtwin.privacy.policy import save_policy, site_policy
 
@@ -92,7 +92,7 @@ def experiment_config(scale: Scale, injector: str = "adax", held_out_fraction: f
 
 def train_centralised(out: Path, store: Path, scale: Scale, injector: str = "adax",
                       held_out_fraction: float | None = None) -> Path:
-    from ecgtwin.train.runner import train_stage
+    from ecgtwin.train.centralised import train_stage
 
     config = experiment_config(scale, injector, held_out_fraction)
     for stage, rounds, steps in zip(STAGES, scale.rounds, scale.local_steps):
@@ -104,7 +104,7 @@ def train_centralised(out: Path, store: Path, scale: Scale, injector: str = "ada
 def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: float | None,
                     strategy: str = "fedavg") -> Path:
     """Flower simulation over site folders (ecgtwin.federation.simulate, as `ecgtwin federate`)."""
-    from ecgtwin.federation import simulate
+    from ecgtwin.coordinator.launch import simulate
 
     model = out / "federation" / "model"
     if (model / "twin.safetensors").is_file():
@@ -284,6 +284,8 @@ def main() -> None:
     parser.add_argument("--patients-per-site", type=int, default=Scale.patients_per_site)
     parser.add_argument("--twin-local-steps", type=int, default=Scale.local_steps[2],
                         help=f"twin-stage local steps per round (x {Scale.rounds[2]} rounds; centralised: the total)")
+    parser.add_argument("--record", action="store_true",
+                        help="also merge each measured row into bench/data/results.json (then: python -m bench.tables)")
     args = parser.parse_args()
     scale = Scale(patients_per_site=args.patients_per_site,
                   local_steps=(*Scale.local_steps[:2], args.twin_local_steps))
@@ -292,7 +294,12 @@ def main() -> None:
             print(f"ptbxl: skipped, {PTBXL} is not there", file=sys.stderr)
             continue
         try:
-            print(json.dumps(run(setting, args.out, scale), indent=2), flush=True)
+            summary = run(setting, args.out, scale)
+            print(json.dumps(summary, indent=2), flush=True)
+            if args.record:
+                from bench.tables import record_result
+
+                print(f"recorded in {record_result(summary, ' '.join([parser.prog, *sys.argv[1:]]))}")
         except (FileNotFoundError, ValueError, RuntimeError) as error:  # one line; the other settings go on
             print(f"{setting}: failed: {error}", file=sys.stderr)
     print(table(args.out))

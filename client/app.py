@@ -14,8 +14,8 @@ from typing import Any, Mapping
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ecgtwin.checkpoint import STAGES
-from ecgtwin.federation import config_from_text
+from ecgtwin.config import STAGES
+from ecgtwin.config import config_from_text
 from ecgtwin.site import Site, check_reply
 
 

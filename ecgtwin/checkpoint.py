@@ -16,14 +16,14 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.numpy import load_file as load_numpy, save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ecgtwin.config import ExperimentConfig, load_config, save_config
-
-STAGES = ("vae", "ibe", "twin")
-
+from ecgtwin.errors import MissingInput
 
 def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ class Checkpoint:
     def require(self, *stages: str) -> None:
         missing = [s for s in stages if not self.has(s)]
         if missing:
-            raise FileNotFoundError(f"{self.path}: checkpoint has no {', '.join(missing)} weights "
+            raise MissingInput(f"{self.path}: checkpoint has no {', '.join(missing)} weights "
                                     f"(train them first: ecgtwin train --stage {missing[0]} ...)")
 
     def save_weights(self, stage: str, module: nn.Module) -> None:
@@ -61,6 +61,18 @@ class Checkpoint:
         self.require(stage)
         module.load_state_dict(load_file(str(self.weights_path(stage))))
         return module
+
+    def load_arrays(self, stage: str) -> dict[str, np.ndarray]:
+        """A stage's weights as plain arrays (what a local pass takes)."""
+        self.require(stage)
+        return {k: np.asarray(v) for k, v in load_numpy(str(self.weights_path(stage))).items()}
+
+    def save_arrays(self, stage: str, weights: dict[str, np.ndarray]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{stage}.", suffix=".safetensors")
+        os.close(fd)
+        save_numpy({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp)
+        os.replace(tmp, self.weights_path(stage))
 
     def save_state(self, stage: str, state: dict) -> None:
         buffer = io.BytesIO()
@@ -80,7 +92,7 @@ class Checkpoint:
     def config(self) -> ExperimentConfig:
         path = self.path / "config.yaml"
         if not path.is_file():
-            raise FileNotFoundError(f"{self.path}: not a checkpoint (no config.yaml)")
+            raise MissingInput(f"{self.path}: not a checkpoint (no config.yaml)")
         return load_config(path)
 
     def write_text(self, name: str, text: str) -> None:
@@ -89,5 +101,5 @@ class Checkpoint:
     def read_text(self, name: str) -> str:
         path = self.path / name
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing from the checkpoint")
+            raise MissingInput(f"{path}: missing from the checkpoint")
         return path.read_text()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ecgtwin import __version__
+from ecgtwin.errors import UserError, MissingInput
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -20,7 +21,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         summary = args.run(args)
-    except (FileNotFoundError, ValueError) as error:  # user errors: one clear line, no traceback
+    except UserError as error:  # the user can fix it: one clear line; anything else is a bug and keeps its traceback
+        if args.debug:
+            raise
         print(f"ecgtwin {args.command}: error: {error}", file=sys.stderr)
         return 1
     emit(summary, args.json)
@@ -33,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated, differentially private ECG digital twins (ECGTwin + DiffuSETS).",
     )
     parser.add_argument("--version", action="version", version=f"ecgtwin {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in (_add_synth, _add_prepare, _add_train, _add_generate, _add_cohort, _add_demo, _add_privacy,
                      _add_federate, _add_evaluate):
@@ -68,7 +72,7 @@ def _run_synth(args: argparse.Namespace) -> dict:
 
     for name in ("sites", "patients_per_site", "records_per_patient"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     return synthesize_consortium(
         args.out, sites=args.sites, patients_per_site=args.patients_per_site,
         records_per_patient=args.records_per_patient, seed=args.seed, fs=args.fs,
@@ -137,12 +141,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> dict:
     from ecgtwin.config import load_config
-    from ecgtwin.train.runner import train_stage
+    from ecgtwin.train.centralised import train_stage
 
     config = load_config(args.config)
     if args.steps is not None:
         if args.steps < 1:
-            raise ValueError("--steps must be at least 1")
+            raise UserError("--steps must be at least 1")
         getattr(config, args.stage).steps = args.steps
     if args.policy is not None:
         return _train_private(args, config)
@@ -150,18 +154,10 @@ def _run_train(args: argparse.Namespace) -> dict:
 
 
 def _train_private(args: argparse.Namespace, config) -> dict:
-    from ecgtwin.privacy import Ledger, ledger_path, load_policy
-    from ecgtwin.train.private import private_pass
+    from ecgtwin.train.centralised import train_stage_private
 
-    policy = load_policy(args.policy)
-    plan = policy.stage(args.stage)
-    if plan.rounds < 1:
-        raise ValueError(f"{args.policy}: the policy plans no rounds for stage {args.stage}")
-    ledger = Ledger(ledger_path(args.policy))
-    passes = [private_pass(args.stage, config, args.store, args.out, policy, ledger, round=r, steps=args.steps,
-                           progress=not args.no_progress, plan_cache=args.policy.parent / "plan-cache.json")
-              for r in range(1, plan.rounds + 1)]
-    return {**passes[-1], "rounds": len(passes), "losses": [p["loss"] for p in passes]}
+    return train_stage_private(args.stage, config, args.store, args.out, args.policy, steps=args.steps,
+                               progress=not args.no_progress)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -201,7 +197,7 @@ def _run_generate(args: argparse.Namespace) -> dict:
     from ecgtwin.twin import Condition, TwinGenerator, edit_report, read_reference, write_twins
 
     if args.num < 1:
-        raise ValueError("-n must be at least 1")
+        raise UserError("-n must be at least 1")
     generator = TwinGenerator(args.checkpoint)
     reference = read_reference(args.reference, generator.preprocess, args.reference_report)
     ref = reference.condition
@@ -349,7 +345,7 @@ def _run_privacy_audit(args: argparse.Namespace) -> dict:
     import json as json_
 
     from ecgtwin.config import load_config
-    from ecgtwin.privacy.audit import membership_audit
+    from ecgtwin.audit import membership_audit
 
     report = membership_audit(args.store, load_config(args.config), args.out, epsilon=args.epsilon, steps=args.steps,
                               overfit_steps=args.overfit_steps, seed=args.seed, progress=not args.no_progress)
@@ -379,25 +375,25 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_federate(args: argparse.Namespace) -> dict:
-    from ecgtwin.config import load_config
-    from ecgtwin.federation import simulate
+    from ecgtwin.config import STAGES, load_config
+    from ecgtwin.coordinator.launch import simulate
 
     load_config(args.config)  # a bad config fails here with one clear line
     rounds = {}
     for part in filter(None, args.rounds.split(",")):
         stage, _, value = part.partition("=")
-        if stage.strip() not in ("vae", "ibe", "twin") or not value.strip().isdigit():
-            raise ValueError(f"--rounds: expected e.g. vae=2,ibe=1,twin=3, got {args.rounds!r}")
+        if stage.strip() not in STAGES or not value.strip().isdigit():
+            raise UserError(f"--rounds: expected e.g. vae=2,ibe=1,twin=3, got {args.rounds!r}")
         rounds[f"rounds-{stage.strip()}"] = int(value)
     if not any(args.sites_root.glob("*/privacy.yaml")):
-        raise FileNotFoundError(f"{args.sites_root}: no <site>/privacy.yaml found")
+        raise MissingInput(f"{args.sites_root}: no <site>/privacy.yaml found")
     out = args.out.resolve()
     run_config = {"config": str(args.config.resolve()), "out": str(out), "sites-root": str(args.sites_root.resolve()),
                   "strategy": args.strategy, "min-nodes": args.min_nodes, "run-name": args.run_name,
                   "rounds-vae": 0, "rounds-ibe": 0, "rounds-twin": 0, **rounds}
     status = simulate(run_config, out / "simulation.log", progress=not args.no_progress, timeout=args.timeout)
     if status.get("status") != "finished":
-        raise ValueError(f"federation failed: {status.get('message')} (log: {out / 'simulation.log'})")
+        raise UserError(f"federation failed: {status.get('message')} (log: {out / 'simulation.log'})")
     lines = (out / "metrics.jsonl").read_text().splitlines()
     last = json.loads(lines[-1]) if lines else {"sites": {}}
     return {"status": status["status"], "model": str(out / "model"), "rounds": len(lines),

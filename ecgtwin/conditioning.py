@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ecgtwin.config import ExperimentConfig
+from ecgtwin.errors import MissingInput
 from ecgtwin.text import StatementEncoder, split_statements
 
 SEX_CODE = {"F": 1.0, "M": -1.0}  # unknown sex -> 0, the midpoint
@@ -116,3 +119,33 @@ def store_conditions(records: pd.DataFrame, conditioner: Conditioner) -> Conditi
     age = pd.to_numeric(records["age"], errors="coerce").to_numpy(dtype=float)
     sex = [s if s in SEX_CODE else None for s in records["sex"].astype(str)]
     return conditioner.build(reports, conditioning_hr(records), age, sex)
+
+
+NORMALIZER_FILE = "conditioning.json"  # beside the weights in a checkpoint folder
+
+
+def conditioner_from(config: ExperimentConfig, normalizer: PatientInfoNormalizer,
+                     cache_dir: Path | None = None) -> Conditioner:
+    """The conditioner of an experiment with the given patient-info statistics; statement embeddings are
+    cached in `cache_dir` (a site-side folder: its keys are report statements)."""
+    encoder = StatementEncoder(config.text.encoder, cache_dir=cache_dir)
+    return Conditioner(encoder, normalizer, config.text.max_statements)
+
+
+def fit_normalizer(records: pd.DataFrame) -> PatientInfoNormalizer:
+    """Statistics of one store's records (centralised training only: in federated and private training
+    they would be an un-noised statistic of a site's patients, so those use the fixed population ones)."""
+    return PatientInfoNormalizer.fit(conditioning_hr(records),
+                                     records["age"].replace("", np.nan).astype(float).to_numpy())
+
+
+def read_normalizer(folder: Path) -> PatientInfoNormalizer:
+    path = Path(folder) / NORMALIZER_FILE
+    if not path.is_file():
+        raise MissingInput(f"{path}: missing; the checkpoint was not trained past the VAE stage")
+    return PatientInfoNormalizer.from_json(path.read_text())
+
+
+def load_conditioner(config: ExperimentConfig, folder: Path) -> Conditioner:
+    """The conditioner of checkpoint folder `folder` (its saved statistics, its text cache)."""
+    return conditioner_from(config, read_normalizer(folder), Path(folder) / "text-cache")

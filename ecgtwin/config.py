@@ -14,12 +14,16 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ecgtwin.errors import UserError
 from ecgtwin.models import ModelConfig
 
 T = TypeVar("T")
 
+# The training stages, in the order they are trained and depend on each other: the one definition.
+STAGES = ("vae", "ibe", "twin")
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration that cannot be used; the message names the file and the key."""
 
 
@@ -28,6 +32,9 @@ class DataConfig:
     n_samples: int = 1024
     duration_s: float = 10.0
     held_out_fraction: float = 0.1  # patients kept out of training, for the tests of generalisation
+    # seed of the patient-level held-out split: ONE split for every stage and for the privacy planner, so
+    # that all stages train on (and the accountant counts) the same patients
+    split_seed: int = 0
 
 
 @dataclasses.dataclass
@@ -38,7 +45,8 @@ class TextConfig:
 
 @dataclasses.dataclass
 class StageConfig:
-    """One training stage's local pass (the same knobs for VAE, IBE and twin stages)."""
+    """What every stage's local pass has: optimiser, schedule, logging, and the seed of its initial weights
+    (and of its non-private batches)."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -48,15 +56,24 @@ class StageConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
-    # VAE: KL weight ramp
-    kl_max: float = 1e-4
+
+
+@dataclasses.dataclass
+class VAEStageConfig(StageConfig):
+    kl_max: float = 1e-4  # KL weight, reached after a linear ramp
     kl_ramp_steps: int = 500
-    # IBE: InfoNCE temperature
-    temperature: float = 0.1
-    # twin: classifier-free guidance dropout and noise draws per record
-    cond_dropout: float = 0.1
+
+
+@dataclasses.dataclass
+class IBEStageConfig(StageConfig):
+    temperature: float = 0.1  # InfoNCE (non-private) and the public-negative objective (DP)
+
+
+@dataclasses.dataclass
+class TwinStageConfig(StageConfig):
+    cond_dropout: float = 0.1  # classifier-free guidance: drop the condition / the person
     base_dropout: float = 0.1
-    noise_draws: int = 1
+    noise_draws: int = 1  # (t, noise) draws per record, averaged before clipping ("noise multiplicity")
 
 
 @dataclasses.dataclass
@@ -67,7 +84,7 @@ class GenerateConfig:
     guidance_person: float = 1.0
     out_fs: float = 500.0
     # derived: project the decoder's six limb leads onto the plane that Einthoven's and Goldberger's
-    # laws allow (ecgtwin.signal.project_limb_leads); raw: the decoder's leads as they are.
+    # laws allow (ecgtwin.data.signal.project_limb_leads); raw: the decoder's leads as they are.
     limb_leads: str = "derived"
 
 
@@ -77,10 +94,15 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    vae: StageConfig = dataclasses.field(default_factory=StageConfig)
-    ibe: StageConfig = dataclasses.field(default_factory=StageConfig)
-    twin: StageConfig = dataclasses.field(default_factory=StageConfig)
+    vae: VAEStageConfig = dataclasses.field(default_factory=VAEStageConfig)
+    ibe: IBEStageConfig = dataclasses.field(default_factory=IBEStageConfig)
+    twin: TwinStageConfig = dataclasses.field(default_factory=TwinStageConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in STAGES:
+            raise UserError(f"unknown stage {name!r} (known: {', '.join(STAGES)})")
+        return getattr(self, name)
 
 
 _POSITIVE = {"n_samples", "duration_s", "steps", "batch_size", "lr", "log_every", "checkpoint_every",
@@ -120,7 +142,20 @@ def to_dict(config: Any) -> dict:
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    Path(path).write_text(config_text(config))
+
+
+def config_text(config: ExperimentConfig) -> str:
+    """The config as YAML text (what the server sends to the sites)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def config_from_text(text: str, where: str = "the server's config") -> ExperimentConfig:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return from_dict(ExperimentConfig, data, where)
 
 
 def from_dict(cls: type[T], data: Any, where: str, prefix: str = "") -> T:

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from ecgtwin.data.record import LEADS
 
@@ -19,20 +17,23 @@ _LAYOUT = [["I", "aVR", "V1", "V4"], ["II", "aVL", "V2", "V5"], ["III", "aVF", "
 _ROW_MM = 30.0  # vertical space per row: +-1.5 mV
 
 
+def new_figure(**kwargs) -> Figure:
+    """A figure that is only ever saved to a file: no pyplot, no backend to select, no global state."""
+    return Figure(**kwargs)
+
+
 def plot_ecg_paper(panels: Sequence[tuple[str, np.ndarray, float]], path: str | Path, dpi: int = 150) -> Path:
     """Draw each (title, (12, n) mV signal, fs) as a 3x4 layout plus a lead II rhythm strip, side by side."""
     figures_mm = [_panel_width_mm(signal, fs) for _, signal, fs in panels]
     height_mm = _ROW_MM * 4 + 10
-    fig, axes = plt.subplots(1, len(panels), squeeze=False,
-                             figsize=(sum(figures_mm) / 25.4 + 0.3 * len(panels), height_mm / 25.4),
-                             gridspec_kw={"width_ratios": figures_mm})
+    fig = new_figure(figsize=(sum(figures_mm) / 25.4 + 0.3 * len(panels), height_mm / 25.4))
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": figures_mm})
     for ax, (title, signal, fs), width in zip(axes[0], panels, figures_mm):
         _draw_panel(ax, title, np.asarray(signal, dtype=float), fs, width, height_mm)
     fig.tight_layout(pad=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
@@ -40,7 +41,7 @@ def _panel_width_mm(signal: np.ndarray, fs: float) -> float:
     return signal.shape[1] / fs * MM_PER_S
 
 
-def _draw_panel(ax: plt.Axes, title: str, signal: np.ndarray, fs: float, width: float, height: float) -> None:
+def _draw_panel(ax: Axes, title: str, signal: np.ndarray, fs: float, width: float, height: float) -> None:
     _grid(ax, width, height)
     n = signal.shape[1]
     quarter = n // 4
@@ -61,7 +62,7 @@ def _draw_panel(ax: plt.Axes, title: str, signal: np.ndarray, fs: float, width: 
     ax.axis("off")
 
 
-def _grid(ax: plt.Axes, width: float, height: float) -> None:
+def _grid(ax: Axes, width: float, height: float) -> None:
     for x in np.arange(0, width + 0.01, 1.0):
         ax.axvline(x, color="#f4c6c6" if x % 5 else "#e08a8a", lw=0.3 if x % 5 else 0.6, zorder=0)
     for y in np.arange(0, height + 0.01, 1.0):
@@ -80,7 +81,8 @@ def plot_loss_curve(jsonl: str | Path, png: str | Path, title: str = "") -> Path
         return None
     steps = [e["step"] for e in entries]
     losses = [e["loss"] for e in entries]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = new_figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(steps, losses, lw=1.2)
     if min(losses) > 0:
         ax.set_yscale("log")
@@ -90,5 +92,4 @@ def plot_loss_curve(jsonl: str | Path, png: str | Path, title: str = "") -> Path
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
-    plt.close(fig)
     return Path(png)

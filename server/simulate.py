@@ -16,7 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from ecgtwin.federation import FederationSettings, read_status
+from ecgtwin.coordinator.settings import FederationSettings
+from ecgtwin.coordinator.status import read_status
 
 
 def simulate(run_config: dict, num_supernodes: int | None = None, cpus_per_site: float = 1.0,

@@ -14,11 +14,19 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("ECGTWIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
+def missing_data(reason: str) -> None:
+    """Skip the test, or fail it where ECGTWIN_REQUIRE_DATA=1 (.ci/run): there the real records must be present."""
+    if os.environ.get("ECGTWIN_REQUIRE_DATA") == "1":
+        pytest.fail(f"{reason}; ECGTWIN_REQUIRE_DATA=1 requires the real records (unset it to skip instead)",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     path = shared_data_dir()
     if not path.is_dir():
-        pytest.skip(f"real PhysioNet records not found at {path} (set ECGTWIN_SHARED_DATA to their folder)")
+        missing_data(f"real PhysioNet records not found at {path} (set ECGTWIN_SHARED_DATA to their folder)")
     return path
 
 
@@ -26,7 +34,7 @@ def shared_data() -> Path:
 def ptbxl_root(shared_data: Path) -> Path:
     path = shared_data / "ptbxl"
     if not (path / "ptbxl_database.csv").is_file():
-        pytest.skip(f"PTB-XL subset not found at {path}")
+        missing_data(f"PTB-XL subset not found at {path}")
     return path
 
 
@@ -34,7 +42,7 @@ def ptbxl_root(shared_data: Path) -> Path:
 def challenge_root(shared_data: Path) -> Path:
     path = shared_data / "cinc2021"
     if not path.is_dir():
-        pytest.skip(f"Challenge 2021 records not found at {path}")
+        missing_data(f"Challenge 2021 records not found at {path}")
     return path
 
 
@@ -42,5 +50,5 @@ def challenge_root(shared_data: Path) -> Path:
 def ptbdb_root(shared_data: Path) -> Path:
     path = shared_data / "ptbdb"
     if not path.is_dir():
-        pytest.skip(f"PTB Diagnostic records not found at {path}")
+        missing_data(f"PTB Diagnostic records not found at {path}")
     return path

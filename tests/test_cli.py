@@ -74,3 +74,38 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert "Traceback" not in done.stderr and "does not exist" in done.stderr
     done = ecgtwin("prepare", "--source", "edf", "--root", ".", "--out", "x", check=False)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_user_errors_are_one_line_and_debug_shows_their_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vae:\n  lr: -1\n")
+    args = ["train", "--config", str(bad), "--stage", "vae", "--store", str(tmp_path), "--out", str(tmp_path / "c")]
+    done = ecgtwin(*args, check=False)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [f"ecgtwin train: error: {bad}: vae.lr: must be > 0, got -1.0"]
+    debug = ecgtwin("--debug", *args, check=False)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """An exception that is not a UserError (here a plain ValueError from inside a command) is not
+    disguised as a user error: it propagates with its traceback."""
+    import pytest
+
+    from ecgtwin import cli
+
+    def broken(args):
+        raise ValueError("internal invariant violated")
+
+    parser = cli.build_parser()
+    real = parser.parse_args
+
+    def parse(argv):
+        args = real(argv)
+        args.run = broken
+        return args
+
+    monkeypatch.setattr(parser, "parse_args", parse)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    with pytest.raises(ValueError, match="internal invariant violated"):
+        cli.main(["synth", "--out", "x"])

@@ -181,7 +181,7 @@ def tiny(tmp_path_factory):
     from ecgtwin.config import load_config
     from ecgtwin.data.prepare import prepare_store
     from ecgtwin.data.synthetic import synthesize_consortium
-    from ecgtwin.train.runner import train_stage
+    from ecgtwin.train.centralised import train_stage
 
     root = tmp_path_factory.mktemp("evaluate")
     synthesize_consortium(root / "consortium", sites=1, patients_per_site=16, records_per_patient=3, seed=7,

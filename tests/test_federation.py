@@ -27,8 +27,11 @@ from ecgtwin.config import load_config, save_config
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.preprocess import PreprocessConfig
 from ecgtwin.data.synthetic import synthesize_consortium
-from ecgtwin.federation import (FederationError, RunState, config_text, initial_weights, model_shapes,
-                                read_status)
+from ecgtwin.config import STAGES, config_text
+from ecgtwin.coordinator.settings import FederationError
+from ecgtwin.coordinator.state import RunState
+from ecgtwin.coordinator.status import read_status
+from ecgtwin.weights import initial_weights, model_shapes
 from ecgtwin.privacy import Ledger
 from ecgtwin.site import ALLOWED_CONFIG, ALLOWED_METRICS, ReplyRejected, Site, check_reply
 
@@ -298,7 +301,7 @@ def test_refusals_are_dropped_and_too_few_sites_stop_the_run(consortium, sites, 
 def test_every_strategy_aggregates_the_sites_weights(consortium, sites, tmp_path, flower_identity):
     from server.loop import _aggregate, make_strategy, run_federation
 
-    from ecgtwin.federation import FederationSettings, weighted_mean
+    from ecgtwin.coordinator.settings import FederationSettings
 
     grid = LocalGrid(sites)  # one real round (FedAvg), then every strategy on the same replies
     run_federation(grid, run_config(consortium, tmp_path / "out", **{"rounds-ibe": 0, "rounds-twin": 0}))
@@ -483,3 +486,10 @@ def test_tls_deployment_with_supernode_authentication(consortium, sites, tmp_pat
     finally:
         for process in reversed(processes):
             stop(process)
+
+
+def weighted_mean(updates: list[tuple[dict, float]]) -> dict:
+    """FedAvg by hand, in float64: the reference the strategies are checked against."""
+    total = float(sum(w for _, w in updates))
+    return {k: sum(u[k].astype(np.float64) * (w / total) for u, w in updates).astype(updates[0][0][k].dtype)
+            for k in updates[0][0]}

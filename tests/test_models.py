@@ -6,18 +6,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from ecgtwin.models import (INJECTORS, LATENT_SCALE, AdaXDenoiser, DiffusionConfig, DiTConfig, ECGVAE,
                             GaussianDiffusion, IBEConfig, IndividualBaseExtractor, ModelConfig,
-                            condition_tokens, demo_config, guided_eps, guided_model_fn,
+                            condition_tokens, guided_eps, guided_model_fn,
                             info_nce, kl_weight_at, paper_config, sample_drop_masks, vae_loss)
+from ecgtwin.config import load_config
 from ecgtwin.models.ibe import IBELayer
 
 PAPER = paper_config()
-DEMO = demo_config()
+DEMO = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").model
 COND_DIM = 384 + 3
 
 

@@ -17,7 +17,6 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from opacus import GradSampleModule
 
-from ecgtwin.checkpoint import Checkpoint
 from ecgtwin.cli import main
 from ecgtwin.config import ConfigError, load_config
 from ecgtwin.data.prepare import prepare_store
@@ -27,8 +26,10 @@ from ecgtwin.models import IndividualBaseExtractor, info_nce
 from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, PrivacyPolicy, epsilon_of, load_policy, plan_budget
 from ecgtwin.privacy.policy import StagePlan, StagePlans
 from ecgtwin.train import private
-from ecgtwin.train.data import training_rows
-from ecgtwin.train.stages import ibe_private_loss
+from ecgtwin.weights import build_module
+from ecgtwin.config import STAGES
+from ecgtwin.data.split import training_rows
+from ecgtwin.train.losses import ibe_private_loss
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SCHEDULES = [  # (noise multiplier, sampling rate, steps) per release: heterogeneous, as stages and rounds are
@@ -236,14 +237,13 @@ def test_clipping_bounds_each_patients_contribution(store, tmp_path, mode, recor
     extreme[units[j]] *= 25.0  # an outlier patient
 
     def grads(picks) -> torch.Tensor:
-        torch.manual_seed(0)
-        built = private._vae(config, s, rows, Checkpoint(tmp_path / "c"), pol)
+        built = private._vae(config, s, rows, {}, pol, np.random.default_rng(0), None)
         built.unit_loss = _with_signals(built, config, extreme)
-        step = private._make_step(built, pol, config.vae, expected_batch=4.0, sigma=0.0,
-                                  generator=torch.Generator().manual_seed(0))
-        torch.manual_seed(1)  # the VAE's reparameterisation noise: the same in both runs
-        step(picks, 0)
-        return torch.cat([p.grad.flatten() for p in built.module.parameters()])
+        with private.dp_step(built, pol, config.vae, expected_batch=4.0, sigma=0.0,
+                             generator=torch.Generator().manual_seed(0)) as step:
+            torch.manual_seed(1)  # the VAE's reparameterisation noise: the same in both runs
+            step(picks, 0)
+            return torch.cat([p.grad.flatten() for p in built.module.parameters()])
 
     picks = [units[u][:records] for u in range(4)]
     with_j, without_j = grads(picks), grads(picks[:j] + picks[j + 1:])
@@ -254,7 +254,7 @@ def test_clipping_bounds_each_patients_contribution(store, tmp_path, mode, recor
 def _with_signals(built, config, signals: np.ndarray):
     """The VAE stage's unit loss, on signals with an outlier patient."""
     from ecgtwin.models import kl_weight_at
-    from ecgtwin.train.stages import vae_batch_loss
+    from ecgtwin.train.losses import vae_batch_loss
 
     x = torch.from_numpy(signals.astype(np.float32))
 
@@ -274,29 +274,74 @@ def digest(path: Path) -> str:
 
 def test_all_stages_train_under_one_budget_and_a_pass_beyond_it_is_refused(store, tmp_path):
     config = load_config(CONFIG)
-    pol, ledger = policy(), Ledger(tmp_path / "site" / "ledger.jsonl")
-    ckpt = tmp_path / "ckpt"
-    summaries = [private.private_pass(stage, config, store, ckpt, pol, ledger, round=1, progress=False)
-                 for stage in ("vae", "ibe", "twin")]
-    spent = [s["epsilon"] for s in summaries]
+    pol, ledger, cache = policy(), Ledger(tmp_path / "site" / "ledger.jsonl"), tmp_path / "site" / "cache"
+    weights, results = {}, []
+    for stage in STAGES:  # each pass: weights in, weights and its ledger entry out
+        result = private.private_pass(stage, config, SiteStore(store), weights, pol, ledger, round=1, cache_dir=cache)
+        weights[stage] = result.weights
+        results.append(result)
+    spent = [r.summary["epsilon"] for r in results]
     assert spent == sorted(spent) and spent[-1] <= pol.epsilon
     assert spent[-1] == pytest.approx(pol.epsilon, rel=0.01)  # the plan spends the whole budget
-    assert [e["stage"] for e in ledger.entries()] == ["vae", "ibe", "twin"]
-    assert all(Checkpoint(ckpt).has(stage) for stage in ("vae", "ibe", "twin"))
-    assert (ckpt / "public-negatives" / "manifest.json").is_file()
+    assert ledger.entries() == [r.entry for r in results]
+    assert [e["stage"] for e in ledger.entries()] == list(STAGES)
+    assert all(set(weights[s]) == set(build_module(s, config).state_dict()) for s in STAGES)
+    assert all(len(r.log) == pol.stage(r.stage).local_steps for r in results)
+    assert (cache / "public-negatives" / "manifest.json").is_file() and (cache / "plan_cache.json").is_file()
 
-    # one round more than planned: refused, nothing trained, ledger unchanged
-    ledger_before, weights_before = digest(ledger.path), digest(Checkpoint(ckpt).weights_path("twin"))
+    # one round more than planned: refused, nothing trained, ledger unchanged, the inputs untouched
+    ledger_before = digest(ledger.path)
+    twin_before = {k: v.copy() for k, v in weights["twin"].items()}
     with pytest.raises(BudgetExceeded, match=r"spent epsilon 7\.9\d* of 8 .*asked twin round 2"):
-        private.private_pass("twin", config, store, ckpt, pol, ledger, round=2, progress=False)
+        private.private_pass("twin", config, SiteStore(store), weights, pol, ledger, round=2, cache_dir=cache)
     assert digest(ledger.path) == ledger_before
-    assert digest(Checkpoint(ckpt).weights_path("twin")) == weights_before
+    assert all(np.array_equal(weights["twin"][k], twin_before[k]) for k in twin_before)
 
     # a restarted process (a new Ledger on the same file) remembers, and refuses as well
     with pytest.raises(BudgetExceeded):
-        private.private_pass("vae", config, store, ckpt, pol, Ledger(tmp_path / "site" / "ledger.jsonl"),
-                             round=2, progress=False)
+        private.private_pass("vae", config, SiteStore(store), weights, pol,
+                             Ledger(tmp_path / "site" / "ledger.jsonl"), round=2, cache_dir=cache)
     assert digest(ledger.path) == ledger_before
+
+
+def test_a_pass_removes_opacus_hooks_when_it_ends(store):
+    """The module a DP step wrapped has no Opacus hooks or per-sample gradients left, also after an error."""
+    config, pol = load_config(CONFIG), policy()
+    s = SiteStore(store)
+    rows = training_rows(s, config.data.held_out_fraction, config.data.split_seed)
+    built = private._vae(config, s, rows, {}, pol, np.random.default_rng(0), None)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
+                   for m in built.module.modules())
+
+    clean = hooks()
+    with private.dp_step(built, pol, config.vae, 4.0, 1.0, torch.Generator().manual_seed(0)) as step:
+        assert hooks() > clean  # Opacus is wired in during the pass
+        step([built.units[0][:1], built.units[1][:1]], 0)
+    assert hooks() == clean
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in built.module.parameters())
+    with pytest.raises(RuntimeError, match="boom"):
+        with private.dp_step(built, pol, config.vae, 4.0, 1.0, torch.Generator().manual_seed(0)):
+            raise RuntimeError("boom")
+    assert hooks() == clean
+
+
+def test_one_split_for_every_stage_and_the_planner(store):
+    """Stages with different seeds train on the same patients, and the planner counts exactly them."""
+    from ecgtwin.privacy.reports import training_patients
+    from ecgtwin.train.result import pass_rows
+
+    config = load_config(CONFIG)
+    config.data.held_out_fraction = 0.3
+    config.vae.seed, config.ibe.seed, config.twin.seed = 1, 2, 3
+    s = SiteStore(store)
+    rows = pass_rows(s, config)
+    patients = set(s.records.patient_id.to_numpy()[rows])
+    assert 0 < len(patients) < len(s.patients)  # something is held out, or the test proves nothing
+    assert training_patients(s, config) == len(patients)
+    config.data.split_seed = 99
+    assert set(s.records.patient_id.to_numpy()[pass_rows(s, config)]) != patients  # the seed is the split's
 
 
 def test_cli_train_with_policy_and_ledger(store, tmp_path, capsys):
@@ -329,7 +374,7 @@ def test_audit_separates_an_overfit_model_from_a_dp_one(tmp_path):
     """Non-private training overfit on 16 patients is attackable; DP-SGD at epsilon 8 is near chance."""
     synthesize_consortium(tmp_path / "raw", sites=1, patients_per_site=32, records_per_patient=3, seed=5, fs=250.0)
     prepare_store("synthetic", tmp_path / "raw", tmp_path / "store", on_reject=lambda r: None)
-    from ecgtwin.privacy.audit import membership_audit
+    from ecgtwin.audit import membership_audit
 
     config = load_config(CONFIG)
     config.model.vae.base_channels = 8  # a smaller VAE: the same story at a quarter of the cost
@@ -346,28 +391,17 @@ def test_audit_separates_an_overfit_model_from_a_dp_one(tmp_path):
 
 def test_fedprox_proximal_step_pulls_towards_the_global_weights(store, tmp_path):
     """With lr * mu = 1 the proximal step returns every weight to the round's start exactly; mu = 0 does not."""
-    from ecgtwin.train.runner import local_pass
+    from ecgtwin.train.local import local_pass
 
     config = load_config(CONFIG)
     pol = policy(stages=StagePlans(vae=StagePlan(rounds=1, local_steps=2, batch_patients=4)))
-    for name, run in (("plain", lambda out, mu: local_pass("vae", config, store, out, steps=2, progress=False,
-                                                            proximal_mu=mu)),
-                      ("dp", lambda out, mu: private.private_pass("vae", config, store, out, pol,
-                                                                  Ledger(out / "ledger.jsonl"), progress=False,
-                                                                  proximal_mu=mu))):
-        start = tmp_path / f"{name}-start"
-        run(start, 0.0)
+    s, ledgers = SiteStore(store), iter(range(100))
+    for name, run in (("plain", lambda w, mu: local_pass("vae", config, s, w, steps=2, proximal_mu=mu).weights),
+                      ("dp", lambda w, mu: private.private_pass(
+                          "vae", config, s, w, pol, Ledger(tmp_path / f"ledger{next(ledgers)}.jsonl"),
+                          proximal_mu=mu).weights)):
+        start = run({}, 0.0)
         for mu, same in ((0.0, False), (1.0 / config.vae.lr, True)):
-            out = tmp_path / f"{name}-{mu}"
-            out.mkdir()
-            for f in ("vae.safetensors", "config.yaml", "conditioning.json"):
-                (out / f).write_bytes((start / f).read_bytes())
-            run(out, mu)
-            moved = max((a - b).abs().max().item() for a, b in zip(weights(out).values(), weights(start).values()))
+            new = run({"vae": start}, mu)
+            moved = max(float(np.abs(new[k] - start[k]).max()) for k in start)
             assert (moved < 1e-5) is same, (name, mu, moved)
-
-
-def weights(folder: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(folder / "vae.safetensors"))

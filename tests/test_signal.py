@@ -4,7 +4,7 @@ import numpy as np
 from wfdb import processing
 
 from ecgtwin.data.readers.common import load_12_lead
-from ecgtwin.signal import heart_rate
+from ecgtwin.data.signal import heart_rate
 
 
 def test_heart_rate_agrees_across_rates_and_with_xqrs_on_real_ptbxl(ptbxl_root):
@@ -49,7 +49,7 @@ def _consistent_limb_leads(rng: np.random.Generator, n: int = 3, length: int = 5
 
 def test_limb_lead_projection_keeps_consistent_ecgs_and_moves_noisy_ones_closer():
     from ecgtwin.data.record import LEADS
-    from ecgtwin.signal import project_limb_leads
+    from ecgtwin.data.signal import project_limb_leads
 
     rng = np.random.default_rng(3)
     truth = _consistent_limb_leads(rng)

@@ -25,8 +25,12 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.data.wfdb_io import read_wfdb
 from ecgtwin.models import IndividualBaseExtractor
-from ecgtwin.train.data import base_vectors, encode_latents, split_patients
-from ecgtwin.train.runner import frozen_vae, load_conditioner, train_stage
+from ecgtwin.conditioning import load_conditioner
+from ecgtwin.data.split import split_patients
+from ecgtwin.train.centralised import train_stage
+from ecgtwin.train.inputs import base_vectors, encode_latents
+from ecgtwin.train.result import frozen_vae
+from ecgtwin.weights import build_module
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 HELD_OUT = 0.2
@@ -70,7 +74,7 @@ def test_each_stage_loss_falls(trained):
 def test_vae_reconstructs_held_out_patients(trained):
     store = SiteStore(trained["store"])
     x = torch.from_numpy(np.asarray(store.signals[held_out_rows(store)]))
-    vae = frozen_vae(trained["config"], Checkpoint(trained["ckpt"]))
+    vae = frozen_vae(trained["config"], Checkpoint(trained["ckpt"]).load_arrays("vae"))
     with torch.no_grad():
         x_hat = vae.decode(vae.encode(x)[0])
     # Pearson r of each record over all 12 leads (each lead centred): near-flat leads such as a
@@ -91,13 +95,12 @@ def identity_margin(ibe, latents, conditions, patient_ids):
 def test_ibe_separates_patients_it_never_saw(trained):
     store, checkpoint, config = SiteStore(trained["store"]), Checkpoint(trained["ckpt"]), trained["config"]
     rows = held_out_rows(store)
-    latents = encode_latents(frozen_vae(config, checkpoint), store.signals[rows])
-    conditions = store_conditions(store.records.iloc[rows], load_conditioner(config, checkpoint))
+    latents = encode_latents(frozen_vae(config, checkpoint.load_arrays("vae")), store.signals[rows])
+    conditions = store_conditions(store.records.iloc[rows], load_conditioner(config, checkpoint.path))
     patients = store.records.patient_id.to_numpy()[rows]
     trained_margin = identity_margin(checkpoint.load_weights("ibe", IndividualBaseExtractor(config.model.ibe)),
                                      latents, conditions, patients)
-    torch.manual_seed(0)
-    untrained_margin = identity_margin(IndividualBaseExtractor(config.model.ibe), latents, conditions, patients)
+    untrained_margin = identity_margin(build_module("ibe", config, seed=0), latents, conditions, patients)
     print(f"held-out cosine margin same-minus-other patient: trained {trained_margin:.3f}, untrained {untrained_margin:.3f}")
     assert trained_margin > 0.3 and trained_margin > untrained_margin + 0.2
 

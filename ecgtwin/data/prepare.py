@@ -18,7 +18,7 @@ from ecgtwin.data import readers
 from ecgtwin.data.preprocess import PreprocessConfig, preprocess
 from ecgtwin.data.record import LEADS, Record, RecordError, Rejected
 from ecgtwin.data.store import StoreWriter, record_row
-from ecgtwin.signal import heart_rate
+from ecgtwin.data.signal import heart_rate
 
 Kept = tuple[dict, np.ndarray, bool]  # store row, signal, was cropped
 

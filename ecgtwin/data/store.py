@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from ecgtwin.data.record import LEADS, Record, Rejected
+from ecgtwin.errors import UserError, MissingInput
 
 FORMAT_VERSION = 1
 RECORD_COLUMNS = (
@@ -108,16 +109,16 @@ class SiteStore:
         self.path = Path(path)
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
-            raise FileNotFoundError(f"{self.path}: not a site store (no manifest.json); run `ecgtwin prepare` first")
+            raise MissingInput(f"{self.path}: not a site store (no manifest.json); run `ecgtwin prepare` first")
         self.manifest = json.loads(manifest.read_text())
         if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{self.path}: store format {self.manifest.get('format_version')}, "
+            raise UserError(f"{self.path}: store format {self.manifest.get('format_version')}, "
                              f"this ecgtwin reads {FORMAT_VERSION}; prepare it again")
         self.signals = np.load(self.path / "signals.npy", mmap_mode="r")
         self.records = pd.read_csv(self.path / "records.csv", dtype={"patient_id": str, "record_id": str},
                                    keep_default_na=False)
         if len(self.records) != len(self.signals):
-            raise ValueError(f"{self.path}: records.csv has {len(self.records)} rows, signals.npy {len(self.signals)}")
+            raise UserError(f"{self.path}: records.csv has {len(self.records)} rows, signals.npy {len(self.signals)}")
         self._groups = {p: idx.to_numpy() for p, idx in self.records.groupby("patient_id", sort=True).groups.items()}
 
     def __len__(self) -> int:

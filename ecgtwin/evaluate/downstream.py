@@ -28,7 +28,6 @@ from tqdm import tqdm
 from ecgtwin.conditioning import SEX_CODE, conditioning_hr, report_text
 from ecgtwin.data.store import SiteStore
 from ecgtwin.evaluate.encoder import EvaluationEncoder, multi_hot, record_codes
-from ecgtwin.models import guided_model_fn
 
 
 def condition_panel(store: SiteStore, rows: np.ndarray, codes: list[str]) -> list[dict]:
@@ -55,30 +54,21 @@ def condition_panel(store: SiteStore, rows: np.ndarray, codes: list[str]) -> lis
 def panel_twins(generator, reference, panel: list[dict], n: int, sampler: str | None, steps: int | None,
                 guidance: float | None, seed: int) -> np.ndarray:
     """n twins of the reference's person under every panel condition, in one batch: (len(panel) * n, 12, L)."""
+    from ecgtwin.twin import Condition
+
     own = reference.condition
-    reports = [e["report"] for e in panel for _ in range(n)]
-    hr = np.array([e["hr"] for e in panel for _ in range(n)])
-    age = np.full(len(reports), np.nan if own.age is None else own.age)
-    tokens, mask = generator.conditioner.build(reports, hr, age, [own.sex] * len(reports)).tokens()
-    settings = generator.config.generate
-    base = generator.base_vector(reference).expand(len(reports), -1)
-    model_fn = guided_model_fn(generator.denoiser, base, tokens.to(generator.device), mask.to(generator.device),
-                               settings.guidance_person,
-                               settings.guidance_condition if guidance is None else guidance)
-    shape = (len(reports), generator.config.model.dit.latent_channels, generator.config.model.dit.n_tokens)
-    latents = generator.diffusion.sample(model_fn, shape, sampler=sampler or settings.sampler,
-                                         steps=steps or settings.steps,
-                                         generator=torch.Generator(device=generator.device).manual_seed(seed),
-                                         device=generator.device)
-    return generator.decode(latents)
+    targets = [Condition(e["report"], hr=e["hr"] if np.isfinite(e["hr"]) else None, age=own.age, sex=own.sex)
+               for e in panel]
+    return generator.generate_many(reference, targets, n, sampler=sampler, steps=steps, guidance_condition=guidance,
+                                   seed=seed)
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, init: tuple[torch.Tensor, torch.Tensor] | None = None,
              steps: int = 300, lr: float = 0.05, l2_to_init: float = 1e-2, seed: int = 0
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multilabel logistic regression by full-batch Adam; with `init`, fine-tunes from it with an L2 pull
-    back to it (so a handful of twins adapts the population model instead of replacing it)."""
-    torch.manual_seed(seed)
+    back to it (so a handful of twins adapts the population model instead of replacing it). Deterministic
+    (zero or given initial weights, full batch); `seed` is kept for callers."""
     x_t, y_t = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     if init is None:
         w = torch.zeros(x.shape[1], y.shape[1], requires_grad=True)

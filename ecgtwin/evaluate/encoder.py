@@ -33,6 +33,7 @@ from ecgtwin.checkpoint import atomic_write
 from ecgtwin.data.record import LEADS
 from ecgtwin.data.store import SiteStore
 from ecgtwin.text import BUNDLED, StatementEncoder, split_statements
+from ecgtwin.errors import UserError
 
 FORMAT = 1
 
@@ -107,15 +108,15 @@ class EvaluationEncoder:
     # -- inputs -------------------------------------------------------------------------------------
     def _check(self, signals: np.ndarray, fs: float, leads: Sequence[str]) -> None:
         if tuple(leads) != self.leads:
-            raise ValueError(f"evaluation encoder was trained on leads {','.join(self.leads)}, "
+            raise UserError(f"evaluation encoder was trained on leads {','.join(self.leads)}, "
                              f"got {','.join(leads)}")
         if abs(fs - self.fs) > 1e-6 * self.fs:
-            raise ValueError(f"evaluation encoder was trained at {self.fs:g} Hz, got signals at {fs:g} Hz")
+            raise UserError(f"evaluation encoder was trained at {self.fs:g} Hz, got signals at {fs:g} Hz")
         if signals.ndim != 3 or signals.shape[-1] != self.n_samples or signals.shape[1] != len(self.leads):
-            raise ValueError(f"evaluation encoder expects (n, {len(self.leads)}, {self.n_samples}) signals, "
+            raise UserError(f"evaluation encoder expects (n, {len(self.leads)}, {self.n_samples}) signals, "
                              f"got {tuple(signals.shape)}")
         if len(signals) == 0:
-            raise ValueError("evaluation encoder: empty set of signals")
+            raise UserError("evaluation encoder: empty set of signals")
 
     @torch.no_grad()
     def _embed(self, signals: np.ndarray, batch: int = 256) -> torch.Tensor:
@@ -131,7 +132,7 @@ class EvaluationEncoder:
     @torch.no_grad()
     def text_features(self, reports: Sequence[str]) -> np.ndarray:
         if len(reports) == 0:
-            raise ValueError("evaluation encoder: no reports")
+            raise UserError("evaluation encoder: no reports")
         return self.model.text(torch.from_numpy(report_vectors(self.text_encoder, reports))).numpy()
 
     @torch.no_grad()
@@ -194,9 +195,9 @@ def train_encoder(store: SiteStore, rows: np.ndarray, config: EncoderConfig, rep
     """Train the evaluation encoder on the store's records `rows` (real ECGs, their reports and labels)."""
     rows = np.asarray(rows, int)
     if len(rows) < 2:
-        raise ValueError(f"evaluation encoder: needs at least 2 real records to train on, got {len(rows)}")
+        raise UserError(f"evaluation encoder: needs at least 2 real records to train on, got {len(rows)}")
     if config.steps < 1:
-        raise ValueError("evaluation encoder: steps must be at least 1")
+        raise UserError("evaluation encoder: steps must be at least 1")
     labels = store.records.labels.to_numpy()[rows]
     counts: dict[str, int] = {}
     for text in labels:
@@ -209,8 +210,9 @@ def train_encoder(store: SiteStore, rows: np.ndarray, config: EncoderConfig, rep
     text_vecs = torch.from_numpy(report_vectors(text, reports))
     targets = torch.from_numpy(multi_hot(labels, codes))
     same_text = torch.from_numpy(np.equal.outer(np.asarray(reports, object), np.asarray(reports, object)).astype(np.float32))
-    torch.manual_seed(config.seed)
-    model = ClipModel(signals.shape[1], text.dim, len(codes), config)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's random state untouched
+        torch.manual_seed(config.seed)
+        model = ClipModel(signals.shape[1], text.dim, len(codes), config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     rng = np.random.default_rng(config.seed)
     losses = []

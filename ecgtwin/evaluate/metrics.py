@@ -15,9 +15,9 @@ import numpy as np
 from scipy import linalg
 
 from ecgtwin.data.record import LEADS
-from ecgtwin.signal import heart_rate
+from ecgtwin.data.signal import HR_PLAUSIBLE, heart_rate
 
-HR_PLAUSIBLE = (20.0, 300.0)
+
 AMPLITUDE_IMPLAUSIBLE_MV = 5.0  # |x| beyond this in a limb or chest lead is not an ECG any more
 
 
@@ -142,7 +142,7 @@ def clip_score(ecg_embeddings: np.ndarray, text_embeddings: np.ndarray) -> float
 
 
 def measured_hr(signals: SignalSet) -> np.ndarray:
-    """HR in bpm of every signal (R peaks, ecgtwin.signal.heart_rate); NaN where no rhythm is detected."""
+    """HR in bpm of every signal (R peaks, ecgtwin.data.signal.heart_rate); NaN where no rhythm is detected."""
     return np.array([heart_rate(s, signals.fs) for s in _standard(signals).signals])
 
 

@@ -12,15 +12,12 @@ import html
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from matplotlib import colormaps
 import numpy as np
 
 from ecgtwin.data.store import SiteStore
 from ecgtwin.evaluate.encoder import record_codes
-from ecgtwin.plot import plot_ecg_paper
+from ecgtwin.plot import new_figure, plot_ecg_paper
 
 HEADLINE = ("fid", "precision", "recall", "f1", "clip_score", "clip_score_real", "hr_mae", "hr_mae_real",
             "condition_accuracy", "condition_accuracy_real", "similarity", "silhouette",
@@ -43,9 +40,10 @@ def tsne_map(features: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def _scatter(xy: np.ndarray, groups: np.ndarray, is_twin: np.ndarray, title: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+    fig = new_figure(figsize=(6.5, 5))
+    ax = fig.subplots()
     names = sorted(set(groups.tolist()))
-    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+    cmap = colormaps.get_cmap("tab20" if len(names) > 10 else "tab10")
     for i, name in enumerate(names):
         for twin, marker in ((False, "o"), (True, "x")):
             sel = (groups == name) & (is_twin == twin)
@@ -58,7 +56,6 @@ def _scatter(xy: np.ndarray, groups: np.ndarray, is_twin: np.ndarray, title: str
         ax.legend(fontsize=6, loc="best", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

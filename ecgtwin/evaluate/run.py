@@ -29,7 +29,8 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.evaluate import metrics as M
 from ecgtwin.evaluate.bootstrap import patient_bootstrap, rows_of
 from ecgtwin.evaluate.encoder import EncoderConfig, EvaluationEncoder, encoder_key, multi_hot, train_encoder
-from ecgtwin.train.data import split_patients
+from ecgtwin.data.split import split_patients
+from ecgtwin.errors import UserError, MissingInput
 
 ENCODER_SPLIT_SEED = 6006  # the encoder/twin split of the held-out patients (independent of training splits)
 
@@ -48,35 +49,32 @@ class TwinSet:
 
 
 def held_out_patients(store: SiteStore, config) -> list[str]:
-    """Patients held out in every stage's training split (the generator never saw them)."""
-    held = set(store.patients)
-    for stage in ("vae", "ibe", "twin"):
-        _, out = split_patients(store.patients, config.data.held_out_fraction, getattr(config, stage).seed)
-        held &= set(out)
-    return [p for p in store.patients if p in held]
+    """Patients held out of training (one split for every stage: the generator never saw them)."""
+    _, held = split_patients(store.patients, config.data.held_out_fraction, config.data.split_seed)
+    return held
 
 
 def check_store_matches(store: SiteStore, config, what: str = "store") -> None:
     rep = store.manifest.get("representation", {})
     leads = tuple(rep.get("leads", LEADS))
     if leads != LEADS:
-        raise ValueError(f"{store.path}: {what} has leads {','.join(leads)}, the generator makes {','.join(LEADS)}")
+        raise UserError(f"{store.path}: {what} has leads {','.join(leads)}, the generator makes {','.join(LEADS)}")
     fs_model = config.data.n_samples / config.data.duration_s
     if abs(store.fs - fs_model) > 1e-6 * fs_model:
-        raise ValueError(f"{store.path}: {what} is sampled at {store.fs:g} Hz, the generator at {fs_model:g} Hz "
+        raise UserError(f"{store.path}: {what} is sampled at {store.fs:g} Hz, the generator at {fs_model:g} Hz "
                          f"(prepare it with --samples {config.data.n_samples} --duration {config.data.duration_s:g})")
     if store.signals.shape[-1] != config.data.n_samples:
-        raise ValueError(f"{store.path}: {what} has {store.signals.shape[-1]} samples per record, "
+        raise UserError(f"{store.path}: {what} has {store.signals.shape[-1]} samples per record, "
                          f"the generator {config.data.n_samples}")
     if len(store) == 0:
-        raise ValueError(f"{store.path}: {what} is empty")
+        raise UserError(f"{store.path}: {what} is empty")
 
 
 def choose_patients(store: SiteStore, config, encoder_fraction: float, encoder_store: SiteStore | None,
                     max_patients: int | None) -> tuple[list[str], list[str]]:
     held = held_out_patients(store, config)
     if not held:
-        raise ValueError(f"{store.path}: no patient is held out from the generator's training "
+        raise UserError(f"{store.path}: no patient is held out from the generator's training "
                          f"(held_out_fraction {config.data.held_out_fraction}); nothing fair to evaluate on")
     # Only a patient with two or more ECGs has a reference and a target; the others can still train the encoder.
     several = [p for p in held if len(store.records_of(p)) >= 2]
@@ -84,13 +82,13 @@ def choose_patients(store: SiteStore, config, encoder_fraction: float, encoder_s
         enc, twin = [], several
     else:
         if not 0 < encoder_fraction < 1:
-            raise ValueError(f"encoder fraction must be in (0, 1), got {encoder_fraction}")
+            raise UserError(f"encoder fraction must be in (0, 1), got {encoder_fraction}")
         twin, enc = split_patients(several, encoder_fraction, ENCODER_SPLIT_SEED)
         enc = sorted(set(enc) | (set(held) - set(several)), key=held.index)
     if max_patients is not None:
         twin = twin[:max_patients]
     if len(twin) < 2:
-        raise ValueError(f"{store.path}: only {len(twin)} held-out patient(s) with two or more ECGs to make twins of "
+        raise UserError(f"{store.path}: only {len(twin)} held-out patient(s) with two or more ECGs to make twins of "
                          f"(of {len(held)} held out); need at least 2 (use a larger store or held_out_fraction)")
     return enc, twin
 
@@ -158,13 +156,13 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
 
     started = time.perf_counter()
     if twins_per_patient < 1:
-        raise ValueError("twins per patient must be at least 1")
+        raise UserError("twins per patient must be at least 1")
     if sampler is not None and sampler not in ("ddpm", "ddim", "dpm++"):
-        raise ValueError(f"unknown sampler {sampler!r} (ddpm, ddim, dpm++)")
+        raise UserError(f"unknown sampler {sampler!r} (ddpm, ddim, dpm++)")
     if steps is not None and steps < 1:
-        raise ValueError("steps must be at least 1")
+        raise UserError("steps must be at least 1")
     if not Path(checkpoint).is_dir():
-        raise FileNotFoundError(f"{checkpoint}: checkpoint folder does not exist")
+        raise MissingInput(f"{checkpoint}: checkpoint folder does not exist")
     generator = TwinGenerator(checkpoint)  # refuses a checkpoint missing a stage
     config = generator.config
     site = SiteStore(store)
@@ -180,7 +178,7 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     enc_config = EncoderConfig(text_model=config.text.encoder, seed=seed)
     if encoder_steps is not None:
         if encoder_steps < 1:
-            raise ValueError("encoder steps must be at least 1")
+            raise UserError("encoder steps must be at least 1")
         enc_config.steps = encoder_steps
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """Neural networks of ecgtwin: the ECG VAE, the Individual Base Extractor, the AdaX denoiser and
 the diffusion process with its samplers. See docs/models.md.
 
-`paper_config()` gives the sizes of the papers' code; `demo_config()` a size that trains in
-minutes on a laptop CPU. Both return plain dataclasses that round-trip through dicts/YAML.
+`paper_config()` gives the sizes of the papers' code (the schema's defaults); the demo's sizes live in
+configs/demo.yaml only. Both are plain dataclasses that round-trip through dicts/YAML.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .dit import INJECTORS, AdaXBlock, AdaXDenoiser, DiTConfig, sample_drop_mask
 from .ibe import IBEConfig, IndividualBaseExtractor, info_nce, public_negative_nce
 from .layers import condition_tokens
 from .vae import LATENT_SCALE, ECGVAE, VAEConfig, kl_weight_at, vae_loss
+from ecgtwin.errors import UserError
 
 TEXT_DIM = 384          # all-MiniLM-L6-v2 statement embeddings
 PATIENT_DIM = 3         # normalised [HR, age, sex]
@@ -31,11 +32,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.ibe.cond_dim != self.dit.cond_dim:
-            raise ValueError(f"IBE and DiT condition widths differ: {self.ibe.cond_dim} vs {self.dit.cond_dim}")
+            raise UserError(f"IBE and DiT condition widths differ: {self.ibe.cond_dim} vs {self.dit.cond_dim}")
         if self.ibe.base_dim != self.dit.base_dim:
-            raise ValueError(f"IBE base vector ({self.ibe.base_dim}) does not fit the DiT ({self.dit.base_dim})")
+            raise UserError(f"IBE base vector ({self.ibe.base_dim}) does not fit the DiT ({self.dit.base_dim})")
         if not (self.vae.latent_channels == self.ibe.latent_channels == self.dit.latent_channels):
-            raise ValueError("latent_channels differ between VAE, IBE and DiT")
+            raise UserError("latent_channels differ between VAE, IBE and DiT")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -58,20 +59,10 @@ def paper_config(text_dim: int = TEXT_DIM) -> ModelConfig:
     return ModelConfig(ibe=IBEConfig(cond_dim=cond), dit=DiTConfig(cond_dim=cond))
 
 
-def demo_config(text_dim: int = TEXT_DIM) -> ModelConfig:
-    """Small enough to train every stage in minutes on 2 CPU cores."""
-    cond = text_dim + PATIENT_DIM
-    return ModelConfig(
-        vae=VAEConfig(base_channels=16, channel_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8),
-        ibe=IBEConfig(width=64, depth=2, heads=4, cond_dim=cond, base_dim=64),
-        dit=DiTConfig(width=64, depth=2, heads=4, cond_dim=cond, base_dim=64),
-    )
-
-
 __all__ = [
     "AdaXBlock", "AdaXDenoiser", "DiTConfig", "DiffusionConfig", "ECGVAE", "GaussianDiffusion",
     "IBEConfig", "INJECTORS", "IndividualBaseExtractor", "LATENT_SCALE", "ModelConfig", "ModelFn",
-    "PATIENT_DIM", "SAMPLERS", "TEXT_DIM", "VAEConfig", "condition_tokens", "demo_config",
+    "PATIENT_DIM", "SAMPLERS", "TEXT_DIM", "VAEConfig", "condition_tokens",
     "guided_eps", "guided_model_fn", "info_nce", "public_negative_nce", "kl_weight_at", "paper_config",
     "sample_drop_masks", "vae_loss",
 ]

@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layers import Attention, LearnedToken, Mlp, TimestepEmbedder, masked_mean, modulate
+from ecgtwin.errors import UserError
 
 INJECTORS = ("adax", "adaln", "cross")
 
@@ -41,7 +42,7 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         if self.injector not in INJECTORS:
-            raise ValueError(f"injector must be one of {INJECTORS}, got {self.injector!r}")
+            raise UserError(f"injector must be one of {INJECTORS}, got {self.injector!r}")
 
     @property
     def latent_shape(self) -> tuple[int, int]:

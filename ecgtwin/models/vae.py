@@ -168,10 +168,16 @@ class ECGVAE(nn.Module):
         """(B, latent_channels, L / 8) unscaled latent -> (B, 12, L) signal."""
         return self.decoder(z)
 
-    def forward(self, x: Tensor, sample: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        """Reconstruct x through a posterior sample (or the mean): (x_hat, mean, logvar)."""
+    def forward(self, x: Tensor, sample: bool = True,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Reconstruct x through a posterior sample (or the mean): (x_hat, mean, logvar). The sample's noise
+        comes from `generator` (the pass's own) when given."""
         mean, logvar = self.encode(x)
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+        if sample:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            z = mean + noise * (0.5 * logvar).exp()
+        else:
+            z = mean
         return self.decode(z), mean, logvar
 
     @torch.no_grad()

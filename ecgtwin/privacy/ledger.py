@@ -23,11 +23,12 @@ from pathlib import Path
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from ecgtwin.privacy.policy import PrivacyPolicy
+from ecgtwin.errors import UserError
 
 Mechanism = tuple[float, float, int]  # (noise multiplier, sampling rate, steps), as Opacus' history
 
 
-class BudgetExceeded(ValueError):
+class BudgetExceeded(UserError):
     """The next pass would spend more than the site's budget."""
 
 
@@ -56,7 +57,7 @@ class Ledger:
                 try:
                     out.append(json.loads(line))
                 except json.JSONDecodeError as exc:  # never guess about spent budget
-                    raise ValueError(f"{self.path}: line {n} is not valid JSON ({exc.msg}); "
+                    raise UserError(f"{self.path}: line {n} is not valid JSON ({exc.msg}); "
                                      "the ledger is damaged, refusing to account") from exc
         return out
 

@@ -19,6 +19,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from ecgtwin.checkpoint import atomic_write
 from ecgtwin.config import to_dict
 from ecgtwin.privacy.ledger import Mechanism, epsilon_of
+from ecgtwin.errors import UserError
 from ecgtwin.privacy.policy import PrivacyPolicy
 
 
@@ -36,7 +37,7 @@ class StageBudget:
         return (self.noise_multiplier, self.sample_rate, self.rounds * self.local_steps)
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The planned schedule cannot meet the budget."""
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from ecgtwin.checkpoint import STAGES
+from ecgtwin.config import STAGES
 from ecgtwin.config import load_yaml, to_dict
+from ecgtwin.errors import UserError
 
 STAGE_ORDER = STAGES
 ACCOUNTANTS = ("prv", "rdp")
@@ -34,15 +35,15 @@ class StagePlan:
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
-            raise ValueError(f"rounds: must be >= 0, got {self.rounds}")
+            raise UserError(f"rounds: must be >= 0, got {self.rounds}")
         if self.local_steps < 1:
-            raise ValueError(f"local_steps: must be >= 1, got {self.local_steps}")
+            raise UserError(f"local_steps: must be >= 1, got {self.local_steps}")
         if self.batch_patients < 1:
-            raise ValueError(f"batch_patients: must be >= 1, got {self.batch_patients}")
+            raise UserError(f"batch_patients: must be >= 1, got {self.batch_patients}")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
-            raise ValueError(f"budget_fraction: must be in (0, 1], got {self.budget_fraction}")
+            raise UserError(f"budget_fraction: must be in (0, 1], got {self.budget_fraction}")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier: must be > 0, got {self.noise_multiplier}")
+            raise UserError(f"noise_multiplier: must be > 0, got {self.noise_multiplier}")
 
     @property
     def steps(self) -> int:
@@ -78,27 +79,27 @@ class PrivacyPolicy:
 
     def __post_init__(self) -> None:
         if not self.epsilon > 0:
-            raise ValueError(f"epsilon: must be > 0, got {self.epsilon}")
+            raise UserError(f"epsilon: must be > 0, got {self.epsilon}")
         if not 0 < self.delta < 1:
-            raise ValueError(f"delta: must be in (0, 1), got {self.delta}")
+            raise UserError(f"delta: must be in (0, 1), got {self.delta}")
         if self.accountant not in ACCOUNTANTS:
-            raise ValueError(f"accountant: must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
+            raise UserError(f"accountant: must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ValueError(f"grad_sample_mode: must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+            raise UserError(f"grad_sample_mode: must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
                              f"got {self.grad_sample_mode!r}")
         if not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+            raise UserError(f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
         if self.records_per_patient < 1:
-            raise ValueError(f"records_per_patient: must be >= 1, got {self.records_per_patient}")
+            raise UserError(f"records_per_patient: must be >= 1, got {self.records_per_patient}")
         if self.public_negatives < 1:
-            raise ValueError(f"public_negatives: must be >= 1, got {self.public_negatives}")
+            raise UserError(f"public_negatives: must be >= 1, got {self.public_negatives}")
         fractions = [self.stage(s).budget_fraction for s in self.planned_stages()]
         if any(f is not None for f in fractions) and sum(f or 0 for f in fractions) > 1 + 1e-9:
-            raise ValueError(f"stages: budget_fraction values sum to {sum(f or 0 for f in fractions):.3g} > 1")
+            raise UserError(f"stages: budget_fraction values sum to {sum(f or 0 for f in fractions):.3g} > 1")
 
     def stage(self, name: str) -> StagePlan:
         if name not in STAGE_ORDER:
-            raise ValueError(f"unknown stage {name!r} (known: {', '.join(STAGE_ORDER)})")
+            raise UserError(f"unknown stage {name!r} (known: {', '.join(STAGE_ORDER)})")
         return getattr(self.stages, name)
 
     def planned_stages(self) -> list[str]:
@@ -117,9 +118,9 @@ class PrivacyPolicy:
     def check_patients(self, n_patients: int, where: str = "") -> None:
         """delta must be below 1/patients, or the guarantee allows releasing a whole patient."""
         if n_patients < 1:
-            raise ValueError(f"{where}: the store has no training patients")
+            raise UserError(f"{where}: the store has no training patients")
         if self.delta >= 1.0 / n_patients:
-            raise ValueError(f"{where}: delta {self.delta:g} must be < 1/patients = 1/{n_patients} "
+            raise UserError(f"{where}: delta {self.delta:g} must be < 1/patients = 1/{n_patients} "
                              f"= {1.0 / n_patients:.3g}")
 
 

@@ -5,23 +5,21 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ecgtwin.config import ExperimentConfig  # noqa: E402
-from ecgtwin.data.store import SiteStore  # noqa: E402
-from ecgtwin.privacy.ledger import Ledger  # noqa: E402
-from ecgtwin.privacy.plan import plan_budget  # noqa: E402
-from ecgtwin.privacy.policy import STAGE_ORDER, load_policy  # noqa: E402
-from ecgtwin.train.data import training_rows  # noqa: E402
+from ecgtwin.config import ExperimentConfig
+from ecgtwin.plot import new_figure
+from ecgtwin.data.store import SiteStore
+from ecgtwin.privacy.ledger import Ledger
+from ecgtwin.privacy.plan import plan_budget
+from ecgtwin.privacy.policy import STAGE_ORDER, load_policy
+from ecgtwin.data.split import training_rows
+from ecgtwin.errors import MissingInput
 
 
 def training_patients(store: SiteStore, config: ExperimentConfig | None = None) -> int:
     """Patients that DP-SGD samples from: the store's patients minus the held-out ones."""
     config = config or ExperimentConfig()
-    rows = training_rows(store, config.data.held_out_fraction, config.vae.seed)
+    rows = training_rows(store, config.data.held_out_fraction, config.data.split_seed)
     return len(set(store.records.patient_id.to_numpy()[rows]))
 
 
@@ -41,7 +39,7 @@ def ledger_report(site: str | Path, figure: Path | None = None) -> dict:
     site = Path(site)
     path = site / "ledger.jsonl" if site.is_dir() else site
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no privacy ledger (nothing trained at this site yet?)")
+        raise MissingInput(f"{path}: no privacy ledger (nothing trained at this site yet?)")
     entries = Ledger(path).entries()
     policy_file = path.parent / "privacy.yaml"
     budget = load_policy(policy_file).epsilon if policy_file.is_file() else None
@@ -53,7 +51,8 @@ def ledger_report(site: str | Path, figure: Path | None = None) -> dict:
 
 
 def plot_ledger(entries: list[dict], path: Path, budget: float | None) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = new_figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     colors = dict(zip(STAGE_ORDER, ("tab:blue", "tab:orange", "tab:green")))
     steps, eps = [0], [0.0]
     for e in entries:
@@ -71,4 +70,3 @@ def plot_ledger(entries: list[dict], path: Path, budget: float | None) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -13,13 +13,13 @@ would exceed the budget is refused and nothing is trained.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -28,19 +28,22 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from tqdm import tqdm
 
-from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.config import ExperimentConfig
+from ecgtwin.config import STAGES, ExperimentConfig
 from ecgtwin.data.store import SiteStore
-from ecgtwin.models import ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor, kl_weight_at
+from ecgtwin.errors import UserError
+from ecgtwin.models import GaussianDiffusion, kl_weight_at
 from ecgtwin.privacy import Ledger, PrivacyPolicy
 from ecgtwin.privacy.plan import stage_noise
-from ecgtwin.train import data as stage_data
-from ecgtwin.train import runner
+from ecgtwin.train import inputs as stage_inputs
+from ecgtwin.train.local import population_conditioner, proximal_step
+from ecgtwin.train.losses import ibe_private_loss, twin_batch_loss, vae_batch_loss
 from ecgtwin.train.public import public_negatives
-from ecgtwin.train.stages import ibe_private_loss, twin_batch_loss, vae_batch_loss
+from ecgtwin.train.result import PassResult, StageWeights, check_store, frozen_stages, pass_rows
+from ecgtwin.weights import module_from, module_weights
 
 # patients chosen this step -> (loss of each patient [U], the patient slot of every forward row [R])
 UnitLoss = Callable[[list[np.ndarray], torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
+PLAN_CACHE = "plan_cache.json"  # in the site's cache folder
 
 
 @dataclasses.dataclass
@@ -54,80 +57,74 @@ class PrivateStage:
     fastest_mode: str = "hooks"
 
 
-def private_pass(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
+def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: StageWeights,
                  policy: PrivacyPolicy, ledger: Ledger, round: int = 1, steps: int | None = None,
-                 run: str = "", progress: bool = True, plan_cache: Path | None = None,
-                 on_step: Callable[[int, dict], None] | None = None, patients: list[str] | None = None,
-                 proximal_mu: float = 0.0) -> dict:
-    """Train `stage` for `steps` DP-SGD steps (default: the policy's local_steps) from the weights in
-    checkpoint folder `out` (fresh weights if it has none), and save them back there. `patients`
-    restricts training to those patients (the membership audit); by default the store's training
-    patients (all but the held-out fraction)."""
-    store = SiteStore(store_path)
-    runner._check_store(store, config)
-    checkpoint = Checkpoint(out)
-    runner._check_or_save_config(checkpoint, config)
-    runner.use_population_normalizer(checkpoint)
-    settings = getattr(config, stage)
-    rows = (stage_data.training_rows(store, config.data.held_out_fraction, settings.seed) if patients is None
-            else np.sort(np.concatenate([store.records_of(p) for p in patients])))
-    torch.manual_seed(settings.seed)  # initial weights when the checkpoint has none yet
-    built = _BUILDERS[stage](config, store, rows, checkpoint, policy)
+                 run: str = "", patients: list[str] | None = None, proximal_mu: float = 0.0,
+                 cache_dir: Path | None = None, progress: bool = False,
+                 on_step: Callable[[int, dict], None] | None = None) -> PassResult:
+    """`steps` DP-SGD steps of `stage` (default: the policy's local_steps) from `weights[stage]` (fresh
+    weights if absent), the earlier stages frozen at `weights[...]`. `patients` restricts training to
+    those patients (the membership audit); by default the store's training patients.
+
+    The pass is charged to `ledger` after everything that can fail without training and before the first
+    noisy step; the result carries that ledger entry. `cache_dir` (site-side) keeps the noise plan, the
+    statement embeddings and the public negatives between passes."""
+    check_store(store, config)
+    rows = pass_rows(store, config, patients)
+    seed = None if policy.seed is None else policy.seed + 1000 * round + STAGES.index(stage)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed) if seed is not None else generator.seed()
+    built = _BUILDERS[stage](config, store, rows, weights, policy, rng, cache_dir)
     # q is over ALL training patients, the same population in every stage (the plan assumes it); a
     # patient with nothing to contribute here (no pair, for the IBE) is a unit with zero gradient
     n = len(set(store.records.patient_id.to_numpy()[rows]))
     # no local paths in messages: a refusal's reason goes to the server
-    q, sigma = stage_noise(policy, stage, n, where=policy.site or "site", cache=plan_cache)
+    q, sigma = stage_noise(policy, stage, n, where=policy.site or "site",
+                           cache=cache_dir / PLAN_CACHE if cache_dir else None)
     steps = steps or policy.stage(stage).local_steps
-    if checkpoint.has(stage):
-        checkpoint.load_weights(stage, built.module)
-    seed = None if policy.seed is None else policy.seed + 1000 * round + ("vae", "ibe", "twin").index(stage)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator()
-    generator.manual_seed(seed) if seed is not None else generator.seed()
-    step_fn = _make_step(built, policy, settings, q * n, sigma, generator)
-    pull = runner.proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
-    # charged after everything that can fail without training, and before the first noisy step
-    entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run)
-    log = checkpoint.path / f"dp_{stage}_loss.jsonl"
-    started, losses, used_patients, used_records, log_lines = time.perf_counter(), [], set(), 0, []
-    bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
-    built.module.train()
-    for step in range(steps):
-        chosen = np.flatnonzero(rng.random(len(built.units)) < q)  # Poisson sampling over patients
-        picks = [_pick(built.units[u], policy.records_per_patient, rng) for u in chosen]
-        loss = step_fn(picks, step)
-        pull()
-        used_patients.update(chosen.tolist())
-        used_records += sum(len(p) for p in picks)
-        losses.append(loss)
-        bar.update(1)
-        entry_step = {"round": round, "step": step + 1, "loss": loss, "patients": len(chosen)}
-        log_lines.append(json.dumps(entry_step) + "\n")
-        if on_step is not None:
-            on_step(step + 1, entry_step)
-    bar.close()
-    checkpoint.save_weights(stage, built.module)
-    with log.open("a") as f:  # once per pass, not per step
-        f.writelines(log_lines)
+    settings = config.stage(stage)
+    pull = proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
+    with dp_step(built, policy, settings, q * n, sigma, generator) as step_fn:
+        entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run)
+        started, losses, used_patients, used_records, log = time.perf_counter(), [], set(), 0, []
+        bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
+        built.module.train()
+        for step in range(steps):
+            chosen = np.flatnonzero(rng.random(len(built.units)) < q)  # Poisson sampling over patients
+            picks = [_pick(built.units[u], policy.records_per_patient, rng) for u in chosen]
+            loss = step_fn(picks, step)
+            pull()
+            used_patients.update(chosen.tolist())
+            used_records += sum(len(p) for p in picks)
+            losses.append(loss)
+            bar.update(1)
+            line = {"round": round, "step": step + 1, "loss": loss, "patients": len(chosen)}
+            log.append(line)
+            if on_step is not None:
+                on_step(step + 1, line)
+        bar.close()
     finite = [l for l in losses if l == l]
-    return {"stage": stage, "round": round, "steps": steps, "patients": n,
-            "patients_used": len(used_patients), "records_used": used_records,
-            "loss": float(np.mean(finite[-max(1, len(finite) // 5):])) if finite else float("nan"),
-            "first_loss": finite[0] if finite else float("nan"),
-            "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
-            "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
-            "grad_sample_mode": resolved_mode(built, policy), "seconds": float(np.round(time.perf_counter() - started, 2)),
-            "checkpoint": str(checkpoint.path)}
+    summary = {"stage": stage, "round": round, "steps": steps, "patients": n,
+               "patients_used": len(used_patients), "records_used": used_records,
+               "loss": float(np.mean(finite[-max(1, len(finite) // 5):])) if finite else float("nan"),
+               "first_loss": finite[0] if finite else float("nan"),
+               "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
+               "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
+               "grad_sample_mode": resolved_mode(built, policy),
+               "seconds": float(np.round(time.perf_counter() - started, 2))}
+    return PassResult(stage, module_weights(built.module), summary, log, entry)
 
 
 def _pick(items: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return items if len(items) <= k else rng.choice(items, size=k, replace=False)
 
 
-def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch: float, sigma: float,
-               generator: torch.Generator) -> Callable[[list[np.ndarray], int], float]:
-    """The DP step in the policy's per-sample gradient mode; returns the mean patient loss."""
+@contextlib.contextmanager
+def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch: float, sigma: float,
+            generator: torch.Generator) -> Iterator[Callable[[list[np.ndarray], int], float]]:
+    """The DP step in the policy's per-sample gradient mode (it returns the mean patient loss). Opacus'
+    hooks and per-sample gradients are removed from the module when the block ends, however it ends."""
     module = built.module
     mode = resolved_mode(built, policy)
     base = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -138,7 +135,7 @@ def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_ba
         warnings.simplefilter("ignore")
         if mode == "ghost":
             if not built.one_row_per_unit or policy.records_per_patient != 1:
-                raise ValueError("grad_sample_mode ghost needs one forward row per patient: use it for the VAE "
+                raise UserError("grad_sample_mode ghost needs one forward row per patient: use it for the VAE "
                                  "and twin stages with records_per_patient 1 and noise_draws 1, else hooks")
             gsm = GradSampleModuleFastGradientClipping(module, batch_first=True, loss_reduction="sum",
                                                        max_grad_norm=policy.max_grad_norm, use_ghost_clipping=True)
@@ -175,7 +172,12 @@ def _make_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_ba
         optimizer.step()
         return float(losses.detach().mean())
 
-    return step
+    try:
+        yield step
+    finally:
+        gsm._close()  # removes the hooks and the grad_sample attributes it added
+        for p in module.parameters():
+            p.grad = None
 
 
 def resolved_mode(built: PrivateStage, policy: PrivacyPolicy) -> str:
@@ -213,27 +215,29 @@ def _per_unit_mean(row_loss: torch.Tensor, unit: torch.Tensor, n_units: int) -> 
     return torch.zeros(n_units).index_add_(0, unit, row_loss) / counts
 
 
-def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint,
-         policy: PrivacyPolicy) -> PrivateStage:
-    vae = ECGVAE(config.model.vae)
+def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
+         policy: PrivacyPolicy, rng: np.random.Generator, cache_dir: Path | None) -> PrivateStage:
+    vae = module_from("vae", config, weights.get("vae"))
     signals = torch.from_numpy(np.asarray(store.signals[rows]))
     settings = config.vae
 
     def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
         index, unit = _flatten(picks)
         kl = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
-        return _per_unit_mean(vae_batch_loss(vae, signals[index], kl), unit, len(picks)), unit
+        return _per_unit_mean(vae_batch_loss(vae, signals[index], kl, generator), unit, len(picks)), unit
 
     return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True)
 
 
-def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint,
-         policy: PrivacyPolicy) -> PrivateStage:
-    inputs = runner.ibe_inputs(config, store, rows, checkpoint)
-    conditioner = runner.load_conditioner(config, checkpoint)
-    pub_latents, pub_conditions = public_negatives(config, checkpoint, conditioner)
+def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
+         policy: PrivacyPolicy, rng: np.random.Generator, cache_dir: Path | None) -> PrivateStage:
+    (vae,) = frozen_stages("ibe", config, weights)
+    conditioner = population_conditioner(config, cache_dir)
+    inputs = stage_inputs.ibe_inputs(store, rows, vae, conditioner)
+    pub_latents, pub_conditions = public_negatives(config, vae, conditioner,
+                                                   cache_dir / "public-negatives" if cache_dir else None)
     m = policy.public_negatives
-    ibe = IndividualBaseExtractor(config.model.ibe)
+    ibe = module_from("ibe", config, weights.get("ibe"))
     units = [np.array(v, dtype=int) for _, v in sorted(inputs.by_patient.items())]
 
     def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
@@ -251,17 +255,18 @@ def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoin
     return PrivateStage(ibe, units, unit_loss, one_row_per_unit=False)
 
 
-def _twin(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, checkpoint: Checkpoint,
-          policy: PrivacyPolicy) -> PrivateStage:
+def _twin(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
+          policy: PrivacyPolicy, rng: np.random.Generator, cache_dir: Path | None) -> PrivateStage:
     settings = config.twin
-    latents, conditions, base = runner.twin_inputs(config, store, rows, checkpoint)
-    denoiser = AdaXDenoiser(config.model.dit)
+    vae, ibe = frozen_stages("twin", config, weights)
+    data = stage_inputs.twin_inputs(store, rows, vae, ibe, population_conditioner(config, cache_dir), rng)
+    denoiser = module_from("twin", config, weights.get("twin"))
     diffusion = GaussianDiffusion(config.model.diffusion)
 
     def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
         index, unit = _flatten(picks)
-        tokens, mask = conditions.tokens(index)
-        row_loss = twin_batch_loss(denoiser, diffusion, latents[index], base[index], tokens, mask,
+        tokens, mask = data.conditions.tokens(index)
+        row_loss = twin_batch_loss(denoiser, diffusion, data.latents[index], data.base[index], tokens, mask,
                                    settings.base_dropout, settings.cond_dropout, settings.noise_draws, generator)
         return _per_unit_mean(row_loss, unit, len(picks)), unit
 

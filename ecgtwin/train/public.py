@@ -1,8 +1,8 @@
 """Public negatives for the IBE's DP objective: ECGs of simulated people from the built-in simulator.
 
 They depend only on a fixed public seed and the simulator's code, never on a site's patients, so
-contrasting a patient against them costs no privacy. They are simulated once per checkpoint folder
-and kept in a small store beside it; their latents and base vectors use the current weights.
+contrasting a patient against them costs no privacy. They are simulated once per site
+and kept in a small store in the site's cache folder; their latents and base vectors use the current weights.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.conditioning import Conditions, store_conditions
+from ecgtwin.conditioning import Conditioner, Conditions, store_conditions
 from ecgtwin.config import ExperimentConfig
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.preprocess import PreprocessConfig
 from ecgtwin.data.store import SiteStore
 from ecgtwin.data.synthetic import synthesize_consortium
-from ecgtwin.train import data as stage_data
+from ecgtwin.models import ECGVAE
+from ecgtwin.train.inputs import encode_latents
 
 PUBLIC_SEED = 7_919_001  # not the seed of any consortium the project ships (those use 0..)
 
@@ -37,11 +37,12 @@ def public_store(config: ExperimentConfig, folder: Path, n_people: int = 64) -> 
     return SiteStore(folder)
 
 
-def public_negatives(config: ExperimentConfig, checkpoint: Checkpoint, conditioner,
+def public_negatives(config: ExperimentConfig, vae: ECGVAE, conditioner: Conditioner, folder: Path | None,
                      n_people: int = 64) -> tuple[torch.Tensor, Conditions]:
-    """(latents, conditions) of the public pool under the checkpoint's frozen VAE."""
-    from ecgtwin.train.runner import frozen_vae  # runner imports this module's users
-
-    store = public_store(config, checkpoint.path / "public-negatives", n_people)
-    latents = stage_data.encode_latents(frozen_vae(config, checkpoint), store.signals[:])
-    return latents, store_conditions(store.records, conditioner)
+    """(latents, conditions) of the public pool under the frozen `vae`; the pool's store is kept in
+    `folder` (a temporary folder when None)."""
+    if folder is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            return public_negatives(config, vae, conditioner, Path(tmp), n_people)
+    store = public_store(config, folder, n_people)
+    return encode_latents(vae, store.signals[:]), store_conditions(store.records, conditioner)

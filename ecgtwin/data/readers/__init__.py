@@ -10,6 +10,7 @@ from typing import Callable
 
 from ecgtwin.data.readers import challenge, mimic, ptbxl, synthetic, wfdb_folder
 from ecgtwin.data.record import ReadResult, Rejected
+from ecgtwin.errors import UserError, MissingInput
 
 LoadTask = Callable[[], list[ReadResult]]
 Scanner = Callable[..., tuple[list[LoadTask], list[Rejected]]]
@@ -26,8 +27,8 @@ SOURCES: dict[str, Scanner] = {
 def scan(source: str, root: str | Path, **options: object) -> tuple[list[LoadTask], list[Rejected]]:
     """The load tasks of a dataset and the entries rejected while listing it (e.g. bad metadata rows)."""
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
+        raise UserError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"{root}: dataset root does not exist")
+        raise MissingInput(f"{root}: dataset root does not exist")
     return SOURCES[source](root, **options)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from ecgtwin.data.readers.common import load_with_metadata, optional_float
 from ecgtwin.data.record import Rejected
+from ecgtwin.errors import MissingInput
 
 N_REPORT_COLUMNS = 18
 
@@ -17,7 +18,7 @@ N_REPORT_COLUMNS = 18
 def scan(root: Path, **_: object) -> tuple[list, list[Rejected]]:
     record_list = root / "record_list.csv"
     if not record_list.is_file():
-        raise FileNotFoundError(f"{record_list}: not a MIMIC-IV-ECG folder (record_list.csv missing)")
+        raise MissingInput(f"{record_list}: not a MIMIC-IV-ECG folder (record_list.csv missing)")
     records = pd.read_csv(record_list, dtype=str, keep_default_na=False)
     measurements = _measurements(root / "machine_measurements.csv")
     tasks, rejected = [], []

@@ -11,16 +11,17 @@ import pandas as pd
 
 from ecgtwin.data.readers.common import load_with_metadata, optional_float
 from ecgtwin.data.record import Rejected, parse_age, parse_sex
+from ecgtwin.errors import UserError, MissingInput
 
 RATES = {100: "filename_lr", 500: "filename_hr"}
 
 
 def scan(root: Path, rate: int = 500, **_: object) -> tuple[list, list[Rejected]]:
     if rate not in RATES:
-        raise ValueError(f"PTB-XL comes at 100 or 500 Hz, not {rate}")
+        raise UserError(f"PTB-XL comes at 100 or 500 Hz, not {rate}")
     database = root / "ptbxl_database.csv"
     if not database.is_file():
-        raise FileNotFoundError(f"{database}: not a PTB-XL folder (ptbxl_database.csv missing)")
+        raise MissingInput(f"{database}: not a PTB-XL folder (ptbxl_database.csv missing)")
     table = pd.read_csv(database, dtype=str, keep_default_na=False)
     statements = _statement_names(root / "scp_statements.csv")
     tasks, rejected = [], []
@@ -45,7 +46,7 @@ def _statement_names(path: Path) -> dict[str, str]:
 def _metadata(row: dict, statements: dict[str, str]) -> dict:
     codes = ast.literal_eval(row["scp_codes"]) if row["scp_codes"] else {}
     if not isinstance(codes, dict):
-        raise ValueError(f"scp_codes is not a mapping: {row['scp_codes']!r}")
+        raise UserError(f"scp_codes is not a mapping: {row['scp_codes']!r}")
     ecg_id = str(int(float(row["ecg_id"])))
     english = [statements[c] for c, p in sorted(codes.items(), key=lambda kv: -kv[1]) if c in statements]
     return dict(

@@ -13,6 +13,7 @@ import pandas as pd
 
 from ecgtwin.data.readers.common import load_with_metadata, optional_float
 from ecgtwin.data.record import Rejected, parse_age, parse_sex
+from ecgtwin.errors import UserError, MissingInput
 
 COLUMNS = ("record", "patient_id", "site", "conditions", "report", "hr", "age", "sex")
 
@@ -20,13 +21,13 @@ COLUMNS = ("record", "patient_id", "site", "conditions", "report", "hr", "age", 
 def scan(root: Path, **_: object) -> tuple[list, list[Rejected]]:
     tables = [root / "metadata.csv"] if (root / "metadata.csv").is_file() else sorted(root.glob("*/metadata.csv"))
     if not tables:
-        raise FileNotFoundError(f"{root}: no metadata.csv here or in its site folders (not a synthetic consortium)")
+        raise MissingInput(f"{root}: no metadata.csv here or in its site folders (not a synthetic consortium)")
     tasks, rejected = [], []
     for table_path in tables:
         table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
         missing = [c for c in COLUMNS if c not in table.columns]
         if missing:
-            raise ValueError(f"{table_path}: missing columns {', '.join(missing)}")
+            raise UserError(f"{table_path}: missing columns {', '.join(missing)}")
         for row in table.to_dict("records"):
             try:
                 meta = _metadata(row)

@@ -13,6 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
+from ecgtwin.errors import UserError
 from ecgtwin.data.synthetic.heart import (
     DEPOLARISATION,
     REPOLARISATION,
@@ -81,13 +82,13 @@ def check_conditions(codes: Iterable[str]) -> None:
     codes = set(codes)
     unknown = codes - set(CONDITIONS)
     if unknown:
-        raise ValueError(f"unknown condition codes {sorted(unknown)}; known: {sorted(CONDITIONS)}")
+        raise UserError(f"unknown condition codes {sorted(unknown)}; known: {sorted(CONDITIONS)}")
     rhythms = codes & set(RHYTHMS)
     if len(rhythms) != 1:
-        raise ValueError(f"need exactly one rhythm of {RHYTHMS}, got {sorted(rhythms)}")
+        raise UserError(f"need exactly one rhythm of {RHYTHMS}, got {sorted(rhythms)}")
     clashes = [sorted(pair) for pair in EXCLUDED_PAIRS if pair <= codes]
     if clashes:
-        raise ValueError(f"conditions that exclude each other: {clashes}")
+        raise UserError(f"conditions that exclude each other: {clashes}")
 
 
 @dataclasses.dataclass(frozen=True)

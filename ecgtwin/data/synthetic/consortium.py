@@ -44,6 +44,7 @@ from ecgtwin.data.synthetic.heart import (
     render_dipole,
 )
 from ecgtwin.data.wfdb_io import write_wfdb
+from ecgtwin.errors import UserError
 
 METADATA_COLUMNS: tuple[str, ...] = (
     "record", "patient_id", "site", "conditions", "report", "hr", "age", "sex", "recording_time"
@@ -281,9 +282,9 @@ def synthesize_consortium(
     a summary: site names, counts, condition counts per site, and the time it took.
     """
     if sites < 1 or patients_per_site < 1 or records_per_patient < 1:
-        raise ValueError("sites, patients_per_site and records_per_patient must all be at least 1")
+        raise UserError("sites, patients_per_site and records_per_patient must all be at least 1")
     if fs < 50.0 or duration_s < 1.0:
-        raise ValueError(f"need fs >= 50 Hz and duration_s >= 1 s, got fs={fs}, duration_s={duration_s}")
+        raise UserError(f"need fs >= 50 Hz and duration_s >= 1 s, got fs={fs}, duration_s={duration_s}")
     out = Path(out)
     start = time.perf_counter()
     names = [site_name(i) for i in range(sites)]

@@ -18,22 +18,23 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import matplotlib
+import dataclasses
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
 
-from ecgtwin.checkpoint import Checkpoint  # noqa: E402
-from ecgtwin.config import ExperimentConfig  # noqa: E402
-from ecgtwin.data.store import SiteStore  # noqa: E402
-from ecgtwin.models import ECGVAE  # noqa: E402
-from ecgtwin.privacy.ledger import Ledger  # noqa: E402
-from ecgtwin.privacy.policy import PrivacyPolicy, StagePlan, StagePlans  # noqa: E402
-from ecgtwin.train.private import private_pass  # noqa: E402
-from ecgtwin.train.runner import local_pass  # noqa: E402
+from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.config import ExperimentConfig
+from ecgtwin.data.store import SiteStore
+from ecgtwin.errors import UserError
+from ecgtwin.models import ECGVAE
+from ecgtwin.plot import new_figure
+from ecgtwin.privacy.ledger import Ledger
+from ecgtwin.privacy.policy import PrivacyPolicy, StagePlan, StagePlans
+from ecgtwin.train.local import local_pass
+from ecgtwin.train.private import private_pass
+from ecgtwin.weights import build_module, load_weights_into
 
 
 def membership_audit(store_path: str | Path, config: ExperimentConfig, out: str | Path, epsilon: float = 8.0,
@@ -46,16 +47,20 @@ def membership_audit(store_path: str | Path, config: ExperimentConfig, out: str 
         shutil.rmtree(out)  # an audit is a throwaway experiment with its own throwaway ledger
     patients = list(np.random.default_rng(seed).permutation(store.patients))
     if len(patients) < 8:
-        raise ValueError(f"{store.path}: the audit needs at least 8 patients, found {len(patients)}")
+        raise UserError(f"{store.path}: the audit needs at least 8 patients, found {len(patients)}")
     members, others = patients[: len(patients) // 2], patients[len(patients) // 2:]
-    config = _with_seed(config, seed)
-    initial = _init_vae(config)
-    local_pass("vae", config, store.path, out / "non-private", steps=overfit_steps, progress=progress, patients=members)
+    config = dataclasses.replace(config, vae=dataclasses.replace(config.vae, seed=seed))
+    initial = build_module("vae", config, seed=seed)  # the starting weights both runs share
+    plain = local_pass("vae", config, store, {}, steps=overfit_steps, patients=members, progress=progress)
     policy = PrivacyPolicy(site="audit", epsilon=epsilon, delta=0.1 / len(members), accountant="rdp", seed=seed,
                            stages=StagePlans(vae=StagePlan(rounds=1, local_steps=steps, batch_patients=batch_patients),
                                              ibe=StagePlan(rounds=0), twin=StagePlan(rounds=0)))
-    dp = private_pass("vae", config, store.path, out / "dp", policy, Ledger(out / "dp" / "ledger.jsonl"),
-                      progress=progress, patients=members)
+    result = private_pass("vae", config, store, {}, policy, Ledger(out / "dp" / "ledger.jsonl"),
+                          progress=progress, patients=members)
+    dp = result.summary
+    trained = {"non_private": plain.weights, "dp": result.weights}
+    for name, weights in trained.items():  # kept for the officer: out/<model>/vae.safetensors
+        Checkpoint(out / name.replace("_", "-")).save_arrays("vae", weights)
     reference = patient_errors(initial, store)
     is_member = np.array([p in set(members) for p in store.patients])
     report = {"store": str(store.path), "members": len(members), "non_members": len(others), "steps": steps,
@@ -63,8 +68,8 @@ def membership_audit(store_path: str | Path, config: ExperimentConfig, out: str 
               "epsilon": dp["epsilon"], "delta": policy.delta, "noise_multiplier": dp["noise_multiplier"],
               "models": {}}
     curves = {}
-    for name, folder in (("non_private", out / "non-private"), ("dp", out / "dp")):
-        vae = Checkpoint(folder).load_weights("vae", ECGVAE(config.model.vae))
+    for name, weights in trained.items():
+        vae = load_weights_into(ECGVAE(config.model.vae), weights)
         errors = patient_errors(vae, store)
         attacks = {"loss": -errors, "calibrated": reference - errors}
         report["models"][name] = {
@@ -74,18 +79,6 @@ def membership_audit(store_path: str | Path, config: ExperimentConfig, out: str 
     plot_roc(is_member, curves, out / "audit_roc.png", title=f"membership audit, DP at epsilon {dp['epsilon']:.2f}")
     report["figure"] = str(out / "audit_roc.png")
     return report
-
-
-def _with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
-    import dataclasses
-
-    return dataclasses.replace(config, vae=dataclasses.replace(config.vae, seed=seed))
-
-
-def _init_vae(config: ExperimentConfig) -> ECGVAE:
-    """The starting weights both runs share (local_pass and private_pass seed them the same way)."""
-    torch.manual_seed(config.vae.seed)
-    return ECGVAE(config.model.vae)
 
 
 @torch.no_grad()
@@ -110,7 +103,8 @@ def attack_metrics(is_member: np.ndarray, score: np.ndarray) -> dict:
 
 
 def plot_roc(is_member: np.ndarray, curves: dict[str, dict[str, np.ndarray]], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = new_figure(figsize=(5, 5))
+    ax = fig.subplots()
     for model, attacks in curves.items():
         for attack, score in attacks.items():
             fpr, tpr, _ = roc_curve(is_member, score)
@@ -120,4 +114,3 @@ def plot_roc(is_member: np.ndarray, curves: dict[str, dict[str, np.ndarray]], pa
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,4 +1,5 @@
-"""What each stage trains on, built from a site store (all of it stays at the site).
+"""What each stage trains on, built from a site store and the frozen earlier stages (all of it stays at
+the site).
 
 VAE: the signals. IBE: VAE latents of pairs of one patient's ECGs (reference = earlier, target = later)
 and each ECG's condition tokens. Twin: latents, condition tokens, and the base vector of a reference ECG
@@ -8,29 +9,14 @@ of the same patient from the frozen IBE.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import torch
 
-from ecgtwin.conditioning import Conditions
+from ecgtwin.conditioning import Conditioner, Conditions, store_conditions
 from ecgtwin.data.store import SiteStore
+from ecgtwin.errors import UserError
 from ecgtwin.models import LATENT_SCALE, ECGVAE, IndividualBaseExtractor
-
-
-def split_patients(patients: list[str], held_out_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic patient-level split (by a hash of the id): no patient is on both sides."""
-    def score(p: str) -> float:
-        return int(hashlib.sha256(f"{seed}:{p}".encode()).hexdigest()[:8], 16) / 16**8
-
-    held = [p for p in patients if score(p) < held_out_fraction]
-    return [p for p in patients if score(p) >= held_out_fraction], held
-
-
-def training_rows(store: SiteStore, held_out_fraction: float, seed: int = 0) -> np.ndarray:
-    """Row indices of the store's training patients, in store order."""
-    train, _ = split_patients(store.patients, held_out_fraction, seed)
-    return np.sort(np.concatenate([store.records_of(p) for p in train])) if train else np.zeros(0, int)
 
 
 @torch.no_grad()
@@ -79,7 +65,42 @@ def base_vectors(ibe: IndividualBaseExtractor, latents: torch.Tensor, conditions
 
 
 @dataclasses.dataclass
-class TwinData:
+class IBEInputs:
+    latents: torch.Tensor  # (n, C, L) VAE latents of the training rows
+    conditions: Conditions
+    pairs: np.ndarray  # (m, 2) local indices (earlier, later) of the same patient
+    by_patient: dict[str, list[int]]  # patient -> indices into `pairs`
+
+
+def ibe_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, conditioner: Conditioner) -> IBEInputs:
+    latents = encode_latents(vae, store.signals[rows])
+    conditions = store_conditions(store.records.iloc[rows], conditioner)
+    local = {row: i for i, row in enumerate(rows)}
+    pairs = earlier_later_pairs(store, rows)
+    if len(pairs) < 2:
+        raise UserError(f"{store.path}: the IBE needs at least two patients with two or more ECGs, "
+                        f"found {len(pairs)} pairs")
+    pairs = np.vectorize(local.get)(pairs)
+    patient_of = store.records.patient_id.to_numpy()[rows]
+    by_patient: dict[str, list[int]] = {}
+    for k, (a, _) in enumerate(pairs):
+        by_patient.setdefault(patient_of[a], []).append(k)
+    return IBEInputs(latents, conditions, pairs, by_patient)
+
+
+@dataclasses.dataclass
+class TwinInputs:
     latents: torch.Tensor  # (n, C, L) target latents
-    base: torch.Tensor  # (n, base_dim) base vector of each target's reference ECG
     conditions: Conditions  # target conditions
+    base: torch.Tensor  # (n, base_dim) base vector of each target's reference ECG
+
+
+def twin_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, ibe: IndividualBaseExtractor,
+                conditioner: Conditioner, rng: np.random.Generator) -> TwinInputs:
+    """Latents, conditions and the base vector of each row's reference ECG (picked with `rng`)."""
+    latents = encode_latents(vae, store.signals[rows])
+    conditions = store_conditions(store.records.iloc[rows], conditioner)
+    base_all = base_vectors(ibe, latents, conditions)
+    local = {row: i for i, row in enumerate(rows)}
+    refs = np.array([local[r] for r in reference_rows(store, rows, rng)])
+    return TwinInputs(latents, conditions, base_all[torch.from_numpy(refs)])

@@ -13,6 +13,7 @@ import numpy as np
 
 from ecgtwin.data.record import LEADS
 
+HR_PLAUSIBLE = (20.0, 300.0)  # bpm: a rate outside is a detection failure, or a request to refuse
 _HR_LEADS = ("II", "V5", "I")  # lead II first, as on a monitor; the median over leads resists one bad lead
 
 

@@ -11,9 +11,10 @@ from ecgtwin.models import public_negative_nce
 from ecgtwin.models import sample_drop_masks
 
 
-def vae_batch_loss(vae: ECGVAE, signals: Tensor, kl_weight: float) -> Tensor:
-    """Per-record VAE loss [B] (reconstruction + weighted KL)."""
-    x_hat, mean, logvar = vae(signals)
+def vae_batch_loss(vae: ECGVAE, signals: Tensor, kl_weight: float,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Per-record VAE loss [B] (reconstruction + weighted KL); the posterior sample's noise from `generator`."""
+    x_hat, mean, logvar = vae(signals, generator=generator)
     return vae_loss(signals, x_hat, mean, logvar, kl_weight)
 
 

@@ -1,0 +1,389 @@
+"""The result and benchmark tables of docs/ from the committed JSON in bench/data/:
+
+    python -m bench.tables            # rewrite the marked regions of docs/results.md and docs/benchmarks.md
+    python -m bench.tables --check    # one line per stale region and exit 1; writes nothing
+
+A region is the text between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; everything else in the
+docs is written by hand. bench/data/results.json holds, per setting, the summary.json and metrics.json
+that `python -m bench.results` writes; bench/data/benchmarks/NAME.json holds what `python -m bench`
+writes to bench-results/NAME.json. A run with `--record` merges its output there, so the path from a
+run to the docs is: run with --record, then `python -m bench.tables`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "bench" / "data"
+DOCS = ROOT / "docs"
+REGION = re.compile(r"^([ \t]*)<!-- table:([\w-]+) -->\n(.*?)^[ \t]*<!-- /table:\2 -->", re.M | re.S)
+
+
+# formatting ----------------------------------------------------------------------------------------------
+
+def f(x, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def plain(x) -> str:
+    """The value as stored (the bench commands round their own output), with thousands separators."""
+    return "n/a" if x is None else format(x, ",")
+
+
+def sig3(x: float) -> str:
+    """Three significant figures: 1.56, 11.5, 15.0."""
+    return f(x, max(0, 2 - math.floor(math.log10(abs(x)))) if x else 2)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(header), *lines[1:]])
+
+
+# docs/results.md -----------------------------------------------------------------------------------------
+
+SETTINGS = ("centralised", "federated", "dp8", "dp3", "adaln", "cross", "ddpm", "noguidance", "ptbxl")
+EXTRA_SETTINGS = ("fedshort", "fedprox", "vaelong")
+LABELS = {"centralised": "centralised, non-private (the papers' setting)",
+          "federated": "federated, non-private (FedAvg)",
+          "dp8": "federated DP, epsilon 8 per site",
+          "dp3": "federated DP, epsilon 3 per site (site_b refused: 2 sites)",
+          "adaln": "AdaX ablation: adaLN only",
+          "cross": "AdaX ablation: cross-attention only",
+          "ddpm": "DDPM-1000 (centralised model)",
+          "noguidance": "no guidance (centralised model, guidance 1)",
+          "ptbxl": "PTB-XL reader path (own split and encoder, see below)"}
+EXTRA_LABELS = {"federated": "federated, FedAvg 5 x 600 (from the table above)",
+                "fedshort": "fedshort: FedAvg 15 x 200",
+                "fedprox": "fedprox: FedProx mu 0.1, 5 x 600",
+                "vaelong": "vaelong: centralised, VAE 4 x 200 = 800 steps"}
+METRICS_HEADER = ["setting", "FID", "P/R/F1", "CLIP", "HR MAE", "cond. acc.", "similarity", "identification top-1"]
+INTERVALS = (("fid", "FID", 1), ("clip_score", "CLIP", 3), ("hr_mae", "HR MAE", 1),
+             ("condition_accuracy", "cond. acc.", 2), ("similarity", "similarity", 3),
+             ("identification_top1", "identification top-1", 2))
+
+
+def metrics(results: dict, setting: str) -> dict:
+    return results["settings"][setting]["metrics"]
+
+
+def measured(results: dict, settings=SETTINGS + EXTRA_SETTINGS) -> list[str]:
+    return [s for s in settings if s in results["settings"]]
+
+
+def metrics_row(label: str, m: dict) -> list[str]:
+    """The columns of bench.results.row (docs/evaluation.md defines the metrics)."""
+    return [label, f(m["fid"], 2), f"{f(m['precision'], 2)} / {f(m['recall'], 2)} / {f(m['f1'], 2)}",
+            f(m["clip_score"], 3), f(m["hr_mae"], 1), f(m["condition_accuracy"], 2), f(m["similarity"], 3),
+            f(m["identification_top1"], 2)]
+
+
+def results_main(results: dict) -> str:
+    return table(METRICS_HEADER, [metrics_row(LABELS[s], metrics(results, s)) for s in measured(results, SETTINGS)])
+
+
+def results_intervals(results: dict) -> str:
+    def cell(interval, digits):
+        return "n/a" if not interval else f"{interval[0]:.{digits}f}-{interval[1]:.{digits}f}"
+
+    rows = [[LABELS[s]] + [cell(metrics(results, s).get("intervals", {}).get(key), digits)
+                           for key, _, digits in INTERVALS] for s in measured(results, SETTINGS)]
+    return table(["setting"] + [name for _, name, _ in INTERVALS], rows)
+
+
+def results_ceilings(results: dict) -> str:
+    m = metrics(results, "centralised")
+    return "\n".join([
+        f"- CLIP score of real ECGs with their own reports: {m['clip_score_real']:.3f}.",
+        "- HR MAE of the R-peak detector on the real targets against their stated rates: "
+        f"{m['hr_mae_real']:.1f} bpm.",
+        f"- A twin that simply kept its reference's rate would score an HR MAE of {m['hr_mae_keep_reference']:.1f} "
+        "bpm (`hr_mae_keep_reference`).",
+        "- Condition accuracy of the encoder's condition head on the real targets: "
+        f"{m['condition_accuracy_real']:.2f}.",
+        f"- Identification chance: 1/{m['setup']['twin_patients']} = {m['identification_chance_top1']:.3f} (top-1)."])
+
+
+def results_time(results: dict) -> str:
+    rows = []
+    for s in measured(results):
+        summary = results["settings"][s]["summary"]
+        rows.append([f"`{s}`", plain(summary.get("train_seconds")), plain(summary.get("eval_seconds"))])
+    return table(["setting", "training, s", "evaluation, s"], rows)
+
+
+def results_vae_error(results: dict) -> str:
+    groups: dict[str, list[str]] = {}  # settings with the same value share a row, in the order they come
+    for s in measured(results):
+        value = metrics(results, s).get("vae_relative_error")
+        if value is not None:
+            groups.setdefault(f(value, 2), []).append(f"`{s}`")
+    return table(["checkpoint", "`vae_relative_error`"], [[", ".join(names), v] for v, names in groups.items()])
+
+
+def results_extra(results: dict) -> str:
+    return table(METRICS_HEADER, [metrics_row(EXTRA_LABELS[s], metrics(results, s))
+                                  for s in measured(results, ("federated",) + EXTRA_SETTINGS)])
+
+
+def results_extra_intervals(results: dict) -> str:
+    digits = {"fid": 0, "clip_score": 2, "hr_mae": 1, "condition_accuracy": 2, "similarity": 2,
+              "identification_top1": 2}
+    lines = []
+    for s in measured(results, EXTRA_SETTINGS):
+        intervals, cells = metrics(results, s).get("intervals", {}), []
+        for key, name, _ in INTERVALS:
+            if intervals.get(key):
+                low, high = intervals[key]
+                cells.append(f"{name} {low:.{digits[key]}f}-{high:.{digits[key]}f}")
+        lines.append(f"- `{s}`: " + (", ".join(cells) or "n/a") + ".")
+    return "\n".join(lines)
+
+
+def results_targets(results: dict) -> str:
+    central, dp = metrics(results, "centralised"), metrics(results, "dp8")
+
+    def points(key):
+        diff = round(100 * (dp[key] - central[key]))
+        return diff, f"{abs(diff)} points {'lower' if diff < 0 else 'higher'}"
+
+    ratio = dp["fid"] / central["fid"]
+    cond, cond_text = points("condition_accuracy")
+    ident, ident_text = points("identification_top1")
+    hr = {s: metrics(results, s)["hr_mae"] for s in measured(results) if metrics(results, s)["hr_mae"] is not None}
+    best = min(hr, key=hr.get)
+    met = [f"`{s}`" for s, v in hr.items() if v < 5]
+    hr_result = f"met by {', '.join(met)}" if met else f"missed in every row (lowest: `{best}` {hr[best]:.1f})"
+    return table(["target", "centralised", "DP epsilon 8", "result"], [
+        ["FID of DP at epsilon 8 within 1.5x the centralised FID", f(central["fid"], 2),
+         f"{f(dp['fid'], 2)} ({ratio:.1f}x)", "met" if ratio <= 1.5 else "missed"],
+        ["condition accuracy within 10 points of the centralised model", f(central["condition_accuracy"], 2),
+         f"{f(dp['condition_accuracy'], 2)} ({cond_text})", "met" if abs(cond) <= 10 else "missed"],
+        ["identification rate within 10 points", f(central["identification_top1"], 2),
+         f"{f(dp['identification_top1'], 2)} ({ident_text})", "met" if abs(ident) <= 10 else "missed"],
+        ["twins' HR MAE under 5 bpm", f(central["hr_mae"], 1), f(dp["hr_mae"], 1), hr_result]])
+
+
+def results_ptbxl(results: dict) -> str:
+    m = metrics(results, "ptbxl")
+    setup, down = m["setup"], m["downstream"]
+    return table(["", "PTB-XL row"], [
+        ["patients held out", plain(setup["held_out_patients"])],
+        ["held-out patients with one ECG, which train the evaluation encoder (their ECGs)",
+         f"{setup['encoder_patients']} ({setup['encoder_records']})"],
+        ["patients with twins", plain(setup["twin_patients"])],
+        ["twins / real targets / real gallery",
+         f"{setup['twins']} / {setup['real_targets']} / {setup['real_gallery']}"],
+        ["condition accuracy of the encoder on the real targets", f(m["condition_accuracy_real"], 2)],
+        ["HR MAE of the real targets (their conditioning HR is measured by the same detector)",
+         f(m["hr_mae_real"], 2)],
+        ["HR MAE of a twin that kept its reference's rate", f(m["hr_mae_keep_reference"], 1)],
+        ["identification top-1 / top-5", f"{f(m['identification_top1'], 2)} / {f(m['identification_top5'], 2)}"],
+        ["identification chance top-1 / top-5",
+         f"{f(m['identification_chance_top1'], 3)} / {f(m['identification_chance_top5'], 2)}"],
+        ["downstream macro F1: none / personalised / non-personalised (test ECGs)",
+         " / ".join(f(down[arm]["macro_f1"], 2) for arm in ("none", "personalised", "non_personalised"))
+         + f" ({down['none']['n_test']})"]])
+
+
+# docs/benchmarks.md --------------------------------------------------------------------------------------
+
+def bench_data(d: dict) -> str:
+    prepare = d["prepare"] if isinstance(d["prepare"], dict) else {}
+
+    def rate(key):
+        return plain(prepare[key]["records_per_s"]) if key in prepare else ""
+
+    rows = []
+    if "ptbxl_100hz_workers1" in prepare:
+        rows.append(["`prepare` PTB-XL 100 Hz (`records100`)", plain(prepare["ptbxl_100hz_workers1"]["records_kept"]),
+                     rate("ptbxl_100hz_workers1"), rate("ptbxl_100hz_workers2")])
+    if "ptbxl_500hz_workers1" in prepare:
+        kept = prepare["ptbxl_500hz_workers1"]["records_kept"]
+        rows.append([f"`prepare` PTB-XL 500 Hz (only {kept} files present; the missing ones are rejected in the "
+                     "same pass)", f"{kept} kept", rate("ptbxl_500hz_workers1"), rate("ptbxl_500hz_workers2")])
+    rows.append(["`prepare` synthetic 500 Hz", plain(prepare["synthetic_500hz_workers1"]["records_kept"]),
+                 rate("synthetic_500hz_workers1"), ""])
+    synth = d["synth"]
+    rows.append([f"`synth` (write WFDB, {synth['fs']} Hz, {synth['duration_s']} s)", plain(synth["records"]),
+                 plain(synth["records_per_s"]), ""])
+    return table(["what", "records", "records/s, 1 worker", "records/s, 2 workers"], rows)
+
+
+def bench_training(d: dict) -> str:
+    rows = [[config, stage, plain(m["params"]), plain(m["step_s"]), plain(m["peak_rss_mb"])]
+            for config in ("demo", "paper") for stage in ("vae", "ibe", "twin")
+            for m in [d[f"{config}_{stage}"]]]
+    return table(["configuration", "stage", "parameters", "s/step", "peak RSS MB"], rows)
+
+
+SAMPLERS = {"ddpm_1000": "DDPM, 1000 steps", "ddim_50": "DDIM, 50", "ddim_25": "DDIM, 25",
+            "dpm++_50": "DPM-Solver++, 50", "dpm++_25": "DPM-Solver++, 25",
+            "dpm++_25_guided": "DPM-Solver++, 25, condition guidance 2"}
+
+
+def bench_generation(d: dict) -> str:
+    rows = [[label, plain(d[key]["twins_per_s"]), plain(d[key]["speedup_vs_ddpm"]), plain(d[key]["hr_mae_bpm"]),
+             plain(d[key]["rhythm_accuracy"])] for key, label in SAMPLERS.items() if key in d]
+    return table(["sampler", "twins/s", "speed-up vs DDPM-1000", "HR error, median bpm", "rhythm accuracy"], rows)
+
+
+def bench_privacy(d: dict) -> str:
+    rows = []
+    for stage, label in (("vae", "VAE"), ("ibe", "IBE (DP objective)"), ("twin", "twin")):
+        cells = [label, f"{d[f'{stage}_none']['step_s']:.3f} s"]
+        for mode in ("hooks", "functorch", "ghost"):
+            m = d.get(f"{stage}_{mode}")
+            cells.append(f"{m['step_s']:.3f} s ({m['vs_non_private']:.2f}x)" if m
+                         else "n/a (rows ≠ patients)" if stage == "ibe" else "n/a")
+        cells.append(f"{d[f'{stage}_none']['peak_rss_mb']:.0f} → {d[f'{stage}_hooks']['peak_rss_mb']:.0f} MB")
+        rows.append(cells)
+    header = ["stage", "non-private", "hooks", "functorch", "ghost clipping", "peak RSS (non-DP → hooks)"]
+    return table(header, rows)
+
+
+def bench_privacy_ibe(d: dict) -> str:
+    ibe = d["ibe"]
+    labels = {"untrained": "untrained", "infonce_non_private": "InfoNCE, in-batch negatives (paper, non-private)",
+              "public_negatives_non_private": "public negatives, non-private",
+              "public_negatives_dp": f"public negatives, DP-SGD at epsilon {ibe['dp_epsilon']:.2f} "
+                                     f"(sigma {ibe['dp_noise_multiplier']:.2f})"}
+    rows = [[label, f(ibe[key]["margin"], 2), f(ibe[key]["identification_top1"], 2)] for key, label in labels.items()]
+    return table(["objective", "margin", "top-1"], rows)
+
+
+def bench_privacy_twin(d: dict) -> str:
+    draws = sorted(d["twin"], key=lambda key: int(key.rsplit("_", 1)[1]))
+    return table(["noise draws per patient per step", "held-out loss", "time"],
+                 [[key.rsplit("_", 1)[1], f(d["twin"][key]["held_out_loss"], 3), f"{d['twin'][key]['seconds']:.0f} s"]
+                  for key in draws])
+
+
+def bench_federation(d: dict) -> str:
+    rows = []
+    for key in sorted((k for k in d if k.startswith("sites_")), key=lambda k: d[k]["sites"]):
+        first, second = d[key]["rounds"][:2]
+        overhead = second.get("overhead_beyond_queueing_s", second["round_s"] - second["queueing_bound_s"])
+        rows.append([str(d[key]["sites"]), f"{sig3(first['round_s'])} s", f"{sig3(second['round_s'])} s",
+                     f"{f(second['slowest_site_s'], 2)} s", f"{f(second['queueing_bound_s'], 2)} s",
+                     f"{f(overhead, 2)} s", f"{d[key]['peak_rss_children_mb']:.0f} MB"])
+    return table(["sites", "round 1 (Ray actors start)", "round 2", "slowest site", "queueing bound",
+                  "overhead beyond queueing (round 2)", "peak RSS"], rows)
+
+
+# the regions: name -> (doc, JSON file under the data folder without .json, rendering) ----------------------
+
+REGIONS = {
+    "results-main": ("results.md", "results", results_main),
+    "results-intervals": ("results.md", "results", results_intervals),
+    "results-ceilings": ("results.md", "results", results_ceilings),
+    "results-time": ("results.md", "results", results_time),
+    "results-vae-error": ("results.md", "results", results_vae_error),
+    "results-extra": ("results.md", "results", results_extra),
+    "results-extra-intervals": ("results.md", "results", results_extra_intervals),
+    "results-targets": ("results.md", "results", results_targets),
+    "results-ptbxl": ("results.md", "results", results_ptbxl),
+    "bench-data-path": ("benchmarks.md", "benchmarks/data", bench_data),
+    "bench-training": ("benchmarks.md", "benchmarks/training", bench_training),
+    "bench-generation": ("benchmarks.md", "benchmarks/generation", bench_generation),
+    "bench-privacy": ("benchmarks.md", "benchmarks/privacy", bench_privacy),
+    "bench-privacy-ibe": ("benchmarks.md", "benchmarks/privacy_quality", bench_privacy_ibe),
+    "bench-privacy-twin": ("benchmarks.md", "benchmarks/privacy_quality", bench_privacy_twin),
+    "bench-federation": ("benchmarks.md", "benchmarks/federation", bench_federation),
+}
+
+
+def render(data: Path = DATA) -> dict[str, str]:
+    """Every region's markdown, rendered from the JSON under `data`."""
+    loaded: dict[str, dict] = {}
+    out = {}
+    for name, (_, source, function) in REGIONS.items():
+        if source not in loaded:
+            loaded[source] = json.loads((Path(data) / f"{source}.json").read_text())
+        out[name] = function(loaded[source])
+    return out
+
+
+def update(docs: Path = DOCS, data: Path = DATA, write: bool = True) -> tuple[list[str], list[str]]:
+    """Rewrite the stale regions of results.md and benchmarks.md under `docs` (unless write is False).
+    Returns one line per stale region, and one per region that is missing or unknown."""
+    rendered, stale, errors = render(data), [], []
+    for doc in sorted({doc for doc, _, _ in REGIONS.values()}):
+        path = Path(docs) / doc
+        shown, text, found = os.path.relpath(path), path.read_text(), set()
+
+        def replace(match: re.Match) -> str:
+            indent, name, body = match.groups()
+            found.add(name)
+            if REGIONS.get(name, ("",))[0] != doc:
+                errors.append(f"{shown}: unknown table region {name}")
+                return match.group(0)
+            fresh = "".join(f"{indent}{line}\n" if line else "\n" for line in rendered[name].split("\n"))
+            if body != fresh:
+                stale.append(f"{shown}: table {name} is stale")
+            return f"{indent}<!-- table:{name} -->\n{fresh}{indent}<!-- /table:{name} -->"
+
+        new = REGION.sub(replace, text)
+        errors += [f"{shown}: no region <!-- table:{name} --> ... <!-- /table:{name} -->"
+                   for name, (d, _, _) in REGIONS.items() if d == doc and name not in found]
+        if write and new != text:
+            path.write_text(new)
+    return stale, errors
+
+
+# --record: a fresh run's output into bench/data ---------------------------------------------------------
+
+def _provenance(command: str) -> str:
+    return (f"measured by `{command}` on {datetime.date.today().isoformat()}, {platform.machine()}, "
+            f"{os.cpu_count()} CPU cores (written by --record)")
+
+
+def record_result(summary: dict, command: str, data: Path = DATA) -> Path:
+    """Merge one bench.results setting (its summary.json and metrics.json) into DATA/results.json."""
+    path = Path(data) / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {"provenance": "written by --record",
+                                                                    "settings": {}}
+    metrics_json = json.loads(Path(summary["metrics"]).read_text())
+    results["settings"][summary["setting"]] = {"provenance": _provenance(command), "summary": summary,
+                                               "metrics": metrics_json}
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def record_benchmark(name: str, result: dict, command: str, data: Path = DATA) -> Path:
+    """Replace DATA/benchmarks/NAME.json with what `python -m bench` wrote to bench-results/NAME.json."""
+    path = Path(data) / "benchmarks" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"provenance": _provenance(command), **result}, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tables", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="report stale regions (exit 1) and write nothing")
+    parser.add_argument("--data", type=Path, default=DATA, help="folder of the JSON (default bench/data)")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="folder of results.md and benchmarks.md")
+    args = parser.parse_args(argv)
+    stale, errors = update(args.docs, args.data, write=not args.check)
+    for line in errors:
+        print(line, file=sys.stderr)
+    for line in stale:
+        print(f"{line} (run `python -m bench.tables`)" if args.check else f"rewrote: {line}",
+              file=sys.stderr if args.check else sys.stdout)
+    if not args.check and not stale:
+        print("the docs' tables are up to date")
+    return 1 if errors or (args.check and stale) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""A federated run's settings: Flower's run config (flat keys with dashes, values str/int/float/bool)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+from ecgtwin.config import STAGES, ConfigError, ExperimentConfig, load_config
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (e.g. fewer sites replied than the configured minimum)."""
+
+
+@dataclasses.dataclass
+class FederationSettings:
+    config: str = "configs/demo.yaml"
+    out: str = "federation-output"
+    run_name: str = "ecgtwin"
+    rounds_vae: int = 1
+    rounds_ibe: int = 1
+    rounds_twin: int = 1
+    strategy: str = "fedavg"
+    min_nodes: int = 2
+    node_wait: float = 120.0  # seconds to wait for min_nodes SuperNodes to connect
+    round_timeout: float = 3600.0  # seconds to wait for the replies of one round
+    proximal_mu: float = 0.01  # FedProx
+    server_lr: float = 0.01  # FedAdam's eta
+    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each tail
+    sites_root: str = ""  # simulation only: <sites-root>/<site>/{store,privacy.yaml,state}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], base: Path | None = None) -> "FederationSettings":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name in fields:
+                kind = type(fields[name].default)
+                values[name] = kind(value) if kind is not str else str(value)
+        settings = cls(**values)
+        if settings.strategy not in STRATEGIES:
+            raise ConfigError(f"run config: strategy: must be one of {', '.join(STRATEGIES)}, got {settings.strategy!r}")
+        if settings.min_nodes < 1:
+            raise ConfigError(f"run config: min-nodes: must be >= 1, got {settings.min_nodes}")
+        for stage in STAGES:
+            if settings.rounds(stage) < 0:
+                raise ConfigError(f"run config: rounds-{stage}: must be >= 0, got {settings.rounds(stage)}")
+        if not 0 <= settings.trim_beta < 0.5:
+            raise ConfigError(f"run config: trim-beta: must be in [0, 0.5), got {settings.trim_beta}")
+        return settings
+
+    def rounds(self, stage: str) -> int:
+        return getattr(self, f"rounds_{stage}")
+
+    def config_path(self, base: Path | None = None) -> Path:
+        """The experiment YAML: absolute, else relative to the working directory, else to `base` (the app)."""
+        path = Path(self.config)
+        if path.is_absolute() or path.is_file() or base is None:
+            return path
+        return base / path
+
+    def load_config(self, base: Path | None = None) -> ExperimentConfig:
+        return load_config(self.config_path(base))

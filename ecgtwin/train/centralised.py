@@ -1,0 +1,144 @@
+"""`ecgtwin train`: one stage on one site's store, non-private, with checkpoints, resume and loss curves.
+
+Resuming continues from the last checkpoint with the same batches and noise as an uninterrupted run
+(the random states are saved with the optimizer), so an interruption changes nothing in the result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.conditioning import NORMALIZER_FILE, Conditioner, fit_normalizer, load_conditioner
+from ecgtwin.config import STAGES, ConfigError, ExperimentConfig, to_dict
+from ecgtwin.data.store import SiteStore
+from ecgtwin.errors import UserError
+from ecgtwin.plot import plot_loss_curve
+from ecgtwin.train.local import build_stage
+from ecgtwin.train.result import check_store, pass_rows
+from ecgtwin.weights import module_weights
+
+
+def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
+                progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train `stage` (vae | ibe | twin) into checkpoint folder `out`, resuming if it was interrupted."""
+    store = SiteStore(store_path)
+    check_store(store, config)
+    checkpoint = Checkpoint(out)
+    check_or_save_config(checkpoint, config)
+    settings = config.stage(stage)
+    rows = pass_rows(store, config)
+    if len(rows) == 0:
+        raise UserError(f"{store.path}: no training records (all patients held out?)")
+    checkpoint.require(*STAGES[: STAGES.index(stage)])
+    weights = {s: checkpoint.load_arrays(s) for s in STAGES[: STAGES.index(stage) + 1] if checkpoint.has(s)}
+    state = checkpoint.load_state(stage)
+    if state is None:
+        weights.pop(stage, None)  # a stage trained from scratch starts from its seeded initial weights
+    rng, generator, start = np.random.default_rng(settings.seed), torch.Generator().manual_seed(settings.seed), 0
+    ref_rng = np.random.default_rng(settings.seed)  # which other ECG of a patient is its reference (twin)
+    built = build_stage(stage, config, store, rows, weights, _conditioner(config, checkpoint, store, rows), ref_rng)
+    optimizer = torch.optim.AdamW(built.module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state, start = state["numpy_rng"], state["step"]
+        generator.set_state(state["torch_rng"])
+    log = checkpoint.path / f"{stage}_loss.jsonl"
+    _truncate_log(log, start)
+    started = time.perf_counter()
+    bar = tqdm(total=settings.steps, initial=start, desc=f"train {stage}", unit="step", disable=not progress,
+               file=sys.stderr)
+    built.module.train()
+    for step in range(start, settings.steps):
+        loss, extra = built.step_loss(step, rng, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(built.module.parameters(), settings.grad_clip)
+        optimizer.step()
+        entry = {"step": step + 1, "loss": loss.item(), **extra}
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['loss']:.4g}")
+        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+            with log.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+            checkpoint.save_weights(stage, built.module)
+            checkpoint.save_state(stage, {"step": step + 1, "optimizer": optimizer.state_dict(),
+                                          "numpy_rng": rng.bit_generator.state, "torch_rng": generator.get_state()})
+        if on_step is not None:
+            on_step(step + 1, entry)
+    bar.close()
+    plot_loss_curve(log, checkpoint.path / f"{stage}_loss.png", title=f"{config.name}: {stage} stage")
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()] if log.is_file() else []
+    return {"stage": stage, "checkpoint": str(checkpoint.path), "steps": settings.steps, "resumed_from": start,
+            "train_records_or_patients": built.n_train, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - started, 2),
+            "loss_curve": str(checkpoint.path / f"{stage}_loss.png")}
+
+
+def _conditioner(config: ExperimentConfig, checkpoint: Checkpoint, store: SiteStore, rows: np.ndarray) -> Conditioner:
+    """Centralised training fits the patient-info statistics on the first store it sees and keeps them
+    (they are part of the model)."""
+    if not (checkpoint.path / NORMALIZER_FILE).is_file():
+        checkpoint.write_text(NORMALIZER_FILE, fit_normalizer(store.records.iloc[rows]).to_json())
+    return load_conditioner(config, checkpoint.path)
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from (they will be written again)."""
+    if log.is_file():
+        keep = [l for l in log.read_text().splitlines() if json.loads(l)["step"] <= step]
+        log.write_text("".join(l + "\n" for l in keep))
+
+
+def check_or_save_config(checkpoint: Checkpoint, config: ExperimentConfig) -> None:
+    """A checkpoint folder belongs to one model configuration: refuse to mix weights of two."""
+    if (checkpoint.path / "config.yaml").is_file():
+        existing = checkpoint.config()
+        if to_dict(existing.model) != to_dict(config.model):
+            raise ConfigError(f"{checkpoint.path}: holds weights of a different model configuration; "
+                              "use another --out folder")
+    checkpoint.save_config(config)
+
+
+__all__ = ["train_stage", "check_or_save_config", "module_weights"]
+
+
+def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
+                        policy_path: Path, steps: int | None = None, progress: bool = True) -> dict:
+    """`ecgtwin train --policy`: the policy's rounds of DP passes of `stage` at one site, from and into
+    checkpoint folder `out`, each charged to the ledger beside the policy. The site-side caches (noise plan,
+    statement embeddings, public negatives) stay beside the policy; the DP loss log beside the weights."""
+    from ecgtwin.conditioning import PatientInfoNormalizer
+    from ecgtwin.privacy import Ledger, ledger_path, load_policy
+    from ecgtwin.train.private import private_pass
+
+    policy = load_policy(policy_path)
+    plan = policy.stage(stage)
+    if plan.rounds < 1:
+        raise UserError(f"{policy_path}: the policy plans no rounds for stage {stage}")
+    store, checkpoint = SiteStore(store_path), Checkpoint(out)
+    check_or_save_config(checkpoint, config)
+    if not (checkpoint.path / NORMALIZER_FILE).is_file():  # fixed population statistics (see local.py)
+        checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+    ledger, cache = Ledger(ledger_path(policy_path)), Path(policy_path).parent / "cache"
+    weights = {s: checkpoint.load_arrays(s) for s in STAGES[: STAGES.index(stage) + 1] if checkpoint.has(s)}
+    summaries = []
+    for rnd in range(1, plan.rounds + 1):
+        result = private_pass(stage, config, store, weights, policy, ledger, round=rnd, steps=steps,
+                              cache_dir=cache, progress=progress)
+        weights[stage] = result.weights
+        checkpoint.save_arrays(stage, result.weights)
+        with (checkpoint.path / f"dp_{stage}_loss.jsonl").open("a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in result.log)
+        summaries.append(result.summary)
+    return {**summaries[-1], "checkpoint": str(checkpoint.path), "rounds": len(summaries),
+            "losses": [s["loss"] for s in summaries]}

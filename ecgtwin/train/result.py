@@ -1,0 +1,63 @@
+"""What a local pass takes besides the data, and what it gives back: plain values, so that a reader sees
+the data flow in the signatures (weights in; weights, a ledger entry and a local log out)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from ecgtwin.config import STAGES, ExperimentConfig
+from ecgtwin.data.store import SiteStore
+from ecgtwin.data.split import rows_of_patients, training_rows
+from ecgtwin.errors import MissingInput, UserError
+from ecgtwin.models import ECGVAE, IndividualBaseExtractor
+from ecgtwin.weights import Weights, frozen, load_weights_into, build_module
+
+StageWeights = Mapping[str, Weights]  # stage -> its tensors
+
+
+@dataclasses.dataclass
+class PassResult:
+    """One local pass's output. Only `weights` (and, for a DP pass, the epsilon in `entry`) may leave the
+    site; `log` and `summary` hold un-noised values of the site's patients and stay there."""
+
+    stage: str
+    weights: Weights  # the trained stage's new tensors
+    summary: dict  # losses, counts, seconds, noise: the site's own record of the pass
+    log: list[dict]  # one line per step
+    entry: dict | None = None  # the ledger entry the pass was charged under (DP passes only)
+
+
+def check_store(store: SiteStore, config: ExperimentConfig) -> None:
+    have = store.manifest["representation"]["n_samples"]
+    if have != config.data.n_samples:
+        raise UserError(f"{store.path}: store holds {have} samples per record, the config expects "
+                        f"{config.data.n_samples}; prepare it with --samples {config.data.n_samples}")
+
+
+def pass_rows(store: SiteStore, config: ExperimentConfig, patients: list[str] | None = None) -> np.ndarray:
+    """The rows a pass trains on: `patients`' records, by default the store's training patients (the one
+    split of `data.split_seed`)."""
+    if patients is not None:
+        return rows_of_patients(store, patients)
+    return training_rows(store, config.data.held_out_fraction, config.data.split_seed)
+
+
+def frozen_stages(stage: str, config: ExperimentConfig, weights: StageWeights) -> list:
+    """The frozen modules `stage` builds on (VAE for the IBE; VAE and IBE for the twin stage)."""
+    needed = STAGES[: STAGES.index(stage)]
+    missing = [s for s in needed if not weights.get(s)]
+    if missing:
+        raise MissingInput(f"stage {stage} needs the trained {', '.join(missing)} weights "
+                        f"(train them first: ecgtwin train --stage {missing[0]} ...)")
+    return [frozen(load_weights_into(build_module(s, config), weights[s])) for s in needed]
+
+
+def frozen_vae(config: ExperimentConfig, weights: Weights) -> ECGVAE:
+    return frozen(load_weights_into(ECGVAE(config.model.vae), weights))
+
+
+def frozen_ibe(config: ExperimentConfig, weights: Weights) -> IndividualBaseExtractor:
+    return frozen(load_weights_into(IndividualBaseExtractor(config.model.ibe), weights))
