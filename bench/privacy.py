@@ -40,9 +40,10 @@ def _stage(name: str, config: ExperimentConfig) -> private.PrivateStage:
     cfg = config.model
     g = torch.Generator().manual_seed(0)
     unit = torch.arange(BATCH)
+    gen = torch.Generator().manual_seed(1)  # the losses' own draws (the DP pass draws them per patient)
     if name == "vae":
         vae, x = build_module("vae", config, seed=0), torch.randn(BATCH, 12, 1024, generator=g)
-        return private.PrivateStage(vae, [], lambda picks, gen, step: (vae_batch_loss(vae, x, 1e-4, gen), unit), True)
+        return private.PrivateStage(vae, [], lambda picks, step: (vae_batch_loss(vae, x, 1e-4, gen), unit), True)
     z = torch.randn(BATCH, cfg.vae.latent_channels, 128, generator=g)
     cond, mask = torch.randn(BATCH, 4, cfg.ibe.cond_dim, generator=g), torch.ones(BATCH, 4, dtype=torch.bool)
     if name == "ibe":
@@ -52,12 +53,12 @@ def _stage(name: str, config: ExperimentConfig) -> private.PrivateStage:
                torch.ones(BATCH * NEGATIVES, 4, dtype=torch.bool))
         rows = torch.cat([unit, unit, unit.repeat_interleave(NEGATIVES)])
         return private.PrivateStage(
-            ibe, [], lambda picks, gen, step: (ibe_private_loss(ibe, (z, cond, mask), (z + 0.1, cond, mask), neg, 0.1),
+            ibe, [], lambda picks, step: (ibe_private_loss(ibe, (z, cond, mask), (z + 0.1, cond, mask), neg, 0.1),
                                                rows), False)
     dit, diffusion = build_module("twin", config, seed=0), GaussianDiffusion(cfg.diffusion)
     base = torch.randn(BATCH, cfg.dit.base_dim, generator=g)
     return private.PrivateStage(
-        dit, [], lambda picks, gen, step: (twin_batch_loss(dit, diffusion, z, base, cond, mask, 0.1, 0.1, 1, gen),
+        dit, [], lambda picks, step: (twin_batch_loss(dit, diffusion, z, base, cond, mask, 0.1, 0.1, 1, gen),
                                            unit), True)
 
 
@@ -68,7 +69,7 @@ def _plain_step(built: private.PrivateStage, generator: torch.Generator):
 
     def step(picks, index):
         optimizer.zero_grad()
-        built.unit_loss(picks, generator, index)[0].sum().backward()
+        built.unit_loss(picks, index)[0].sum().backward()
         optimizer.step()
 
     yield step
@@ -78,12 +79,12 @@ def _measure(stage: str, mode: str, queue: mp.Queue) -> None:
     warnings.simplefilter("ignore")
     config = load_config(CONFIG)
     built = _stage(stage, config)
-    picks = [np.array([i]) for i in range(BATCH)]
+    picks = [(str(i), np.array([i])) for i in range(BATCH)]
     generator = torch.Generator().manual_seed(0)
     if mode == "none":
         stepper = _plain_step(built, generator)
     else:
-        policy = PrivacyPolicy(grad_sample_mode=mode, max_grad_norm=1.0)
+        policy = PrivacyPolicy(epsilon=8.0, grad_sample_mode=mode, max_grad_norm=1.0)
         settings = dataclasses.replace(config.stage(stage), lr=1e-4, weight_decay=0.0)
         stepper = private.dp_step(built, policy, settings, BATCH, 1.0, generator)
     times = []

@@ -72,7 +72,7 @@ def _copy_base(root: Path, name: str) -> Path:
 def _policy(stage: str, steps: int, batch: int = 16, **extra) -> PrivacyPolicy:
     plans = {s: StagePlan(rounds=0) for s in STAGES}
     plans[stage] = StagePlan(rounds=1, local_steps=steps, batch_patients=batch)
-    return PrivacyPolicy(site="bench", epsilon=EPSILON, delta=1e-3, accountant="prv", seed=0,
+    return PrivacyPolicy(site="bench", epsilon=EPSILON, delta=1e-3, accountant="prv", seed=0, population=POPULATION,
                          stages=StagePlans(**plans), **extra)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ecgtwin.config import STAGES
 from ecgtwin.config import load_config, save_config
+from ecgtwin.data.store import SiteStore
 from ecgtwin.privacy.policy import save_policy, site_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,8 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
         if not (site_dir / "store").exists():
             (site_dir / "store").symlink_to(store.resolve())
         save_policy(site_policy(site, scale.rounds, scale.local_steps, scale.batch_patients, scale.budget_fractions,
-                                private=epsilon is not None, epsilon=epsilon or 8.0, delta=1e-5),
+                                private=epsilon is not None, epsilon=epsilon, delta=1e-5,
+                                population=len(SiteStore(store).patients)),
                     site_dir / "privacy.yaml")
     config_path = out / "config.yaml"
     save_config(experiment_config(scale), config_path)

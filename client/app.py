@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from ecgtwin.config import STAGES
 from ecgtwin.config import config_from_text
-from ecgtwin.site import Site, check_reply
+from ecgtwin.site import Site, check_reply, site_failure
 
 
 def make_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
@@ -30,14 +30,18 @@ def make_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
         site = _site(context, defaults)
         stage, server_round, run_id, config_yaml, weights = _read(msg)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))  # FedProx; 0 for the other strategies
-        new, metrics, refusal = site.train(stage, server_round, run_id, config_yaml, weights, proximal_mu=mu)
-        return Message(reply_content(stage, config_yaml, site.name, new, metrics, refusal), reply_to=msg)
+        try:
+            new, metrics, refusal = site.train(stage, server_round, run_id, config_yaml, weights, proximal_mu=mu)
+        except Exception as exc:  # noqa: BLE001  its text may hold paths or data: it stays at the site
+            new, metrics, refusal = None, {}, site_failure(site, exc)
+        return Message(reply_content(stage, config_yaml, site.name, new, metrics, refusal, site.policy.private),
+                       reply_to=msg)
 
     return app
 
 
 def reply_content(stage: str, config_yaml: str, site: str, new: Mapping | None, metrics: Mapping,
-                  refusal: str | None) -> RecordDict:
+                  refusal: str | None, private: bool = True) -> RecordDict:
     """The whole reply: checked against the allowlist right before it is built."""
     config = config_from_text(config_yaml)
     if refusal is not None:
@@ -45,7 +49,7 @@ def reply_content(stage: str, config_yaml: str, site: str, new: Mapping | None, 
         check_reply(stage, config, None, {"refused": 1}, info)
         return RecordDict({"metrics": MetricRecord({"refused": 1}), "info": ConfigRecord(info)})
     info = {"site": site}
-    check_reply(stage, config, new, metrics, info)
+    check_reply(stage, config, new, metrics, info, private=private)
     return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
                        "metrics": MetricRecord(dict(metrics)), "info": ConfigRecord(info)})
 

@@ -52,7 +52,9 @@ def membership_audit(store_path: str | Path, config: ExperimentConfig, out: str 
     config = dataclasses.replace(config, vae=dataclasses.replace(config.vae, seed=seed))
     initial = build_module("vae", config, seed=seed)  # the starting weights both runs share
     plain = local_pass("vae", config, store, {}, steps=overfit_steps, patients=members, progress=progress)
+    # a throwaway run whose model is never released: a fixed seed keeps the audit reproducible
     policy = PrivacyPolicy(site="audit", epsilon=epsilon, delta=0.1 / len(members), accountant="rdp", seed=seed,
+                           population=len(members),
                            stages=StagePlans(vae=StagePlan(rounds=1, local_steps=steps, batch_patients=batch_patients),
                                              ibe=StagePlan(rounds=0), twin=StagePlan(rounds=0)))
     result = private_pass("vae", config, store, {}, policy, Ledger(out / "dp" / "ledger.jsonl"),

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in (_add_synth, _add_prepare, _add_train, _add_generate, _add_cohort, _add_demo, _add_privacy,
-                     _add_federate, _add_evaluate):
+                     _add_federate, _add_evaluate, _add_export):
         register(sub)
     return parser
 
@@ -322,6 +322,8 @@ def _run_privacy_plan(args: argparse.Namespace) -> dict:
 
     report = plan_report(args.policy, args.store, load_config(args.config) if args.config else None)
     if not args.json:
+        print(f"privacy unit: {report['unit']}; sampling over the declared population of {report['population']} "
+              f"(training patients in the store: {report['patients']})")
         print(f"{'stage':>5} {'rounds':>6} {'steps':>6} {'q':>7} {'sigma':>7} {'eps alone':>9} {'eps after':>9}")
         for s in report.pop("stages"):
             print(f"{s['stage']:>5} {s['rounds']:>6} {s['local_steps']:>6} {s['sample_rate']:>7.4f} "
@@ -399,6 +401,29 @@ def _run_federate(args: argparse.Namespace) -> dict:
     return {"status": status["status"], "model": str(out / "model"), "rounds": len(lines),
             "epsilon": {site: m.get("epsilon", "not private") for site, m in last["sites"].items()},
             "metrics": str(out / "metrics.jsonl"), "plot": str(out / "metrics.png")}
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write the shareable part of a checkpoint (weights, config, fixed normaliser, model card)",
+        description="Copy only what is DP or public out of a checkpoint folder: the weights, the config and the fixed "
+        "population normaliser, with card.json/card.md naming the policy and the epsilon and delta spent. The "
+        "text-embedding cache, loss logs and optimiser states stay behind. docs/privacy.md says which folders "
+        "never leave a site.",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (e.g. RUN/model)")
+    p.add_argument("--out", required=True, type=Path, help="the bundle folder to write (must not exist)")
+    p.add_argument("--policy", type=Path, help="the site's privacy policy the weights were trained under")
+    p.add_argument("--ledger", type=Path, help="the site's ledger (epsilon spent)")
+    _common(p)
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> dict:
+    from ecgtwin.export import export_model
+
+    return export_model(args.checkpoint, args.out, args.policy, args.ledger)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

@@ -88,7 +88,8 @@ def run_demo(out: str | Path, demo: DemoConfig = DemoConfig(), progress: bool = 
 
 def _write_policy(site_dir: Path, site: str, demo: DemoConfig) -> None:
     save_policy(site_policy(site, demo.rounds, demo.local_steps, demo.batch_patients, demo.budget_fractions,
-                            epsilon=demo.epsilon, delta=demo.delta), site_dir / "privacy.yaml")
+                            epsilon=demo.epsilon, delta=demo.delta, population=demo.patients_per_site),
+                site_dir / "privacy.yaml")
 
 
 def _federate(out: Path, demo: DemoConfig, progress: bool) -> dict:

@@ -29,11 +29,13 @@ from ecgtwin.train.result import PassResult
 from ecgtwin.weights import model_shapes
 from ecgtwin.errors import UserError, MissingInput
 
-# The only metrics a site ever sends: aggregate counts, the mean training loss of the pass, its own
-# privacy accounting, and a refusal flag. Never a per-patient value.
-# train-seconds: the local pass's wall time (operational, no patient information), for the overhead benchmark
-ALLOWED_METRICS = frozenset({"num-examples", "patients", "records", "loss", "epsilon", "delta", "refused",
-                             "train-seconds"})
+# What a PRIVATE site sends besides its noisy weights: only values that are public or DP. epsilon and delta
+# follow from the public plan; num-examples (the weight in aggregation) is the policy's public population;
+# refused is a flag. No loss, no count of the site's patients or records, no timing.
+PRIVATE_METRICS = frozenset({"num-examples", "epsilon", "delta", "refused"})
+# A NON-private site (public or synthetic data only, `private: false`) may also report aggregate counts, the
+# mean loss of its pass and its wall time (train-seconds, for the overhead benchmark).
+ALLOWED_METRICS = PRIVATE_METRICS | {"patients", "records", "loss", "train-seconds"}
 # The only config values a site ever sends: its name and, when it refuses, why.
 ALLOWED_CONFIG = frozenset({"site", "reason"})
 
@@ -44,9 +46,9 @@ class ReplyRejected(RuntimeError):
 
 def check_reply(stage: str, config: ExperimentConfig, arrays: Mapping[str, np.ndarray] | None,
                 metrics: Mapping[str, Any], info: Mapping[str, Any] | None = None,
-                shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """Raise ReplyRejected unless the arrays are exactly the stage model's tensors (names and shapes) and
-    every metric (a finite-or-NaN number) and config key is allowlisted."""
+                shapes: Mapping[str, tuple[int, ...]] | None = None, private: bool = True) -> None:
+    """Raise ReplyRejected unless the arrays are exactly the stage model's tensors (names and shapes), all
+    finite, and every metric (a number) and config key is allowlisted (PRIVATE_METRICS for a private site)."""
     if arrays is not None:
         shapes = dict(shapes) if shapes is not None else model_shapes(stage, config)
         names = set(arrays)
@@ -60,9 +62,12 @@ def check_reply(stage: str, config: ExperimentConfig, arrays: Mapping[str, np.nd
                                     f"{tuple(shapes[name])}")
             if not np.issubdtype(np.asarray(value).dtype, np.floating):
                 raise ReplyRejected(f"reply array {name}: dtype {np.asarray(value).dtype} is not a weight dtype")
+            if not np.isfinite(value).all():
+                raise ReplyRejected(f"reply array {name}: non-finite weights")
+    allowed = PRIVATE_METRICS if private else ALLOWED_METRICS
     for key, value in metrics.items():
-        if key not in ALLOWED_METRICS:
-            raise ReplyRejected(f"reply metric {key!r} is not in the allowlist ({', '.join(sorted(ALLOWED_METRICS))})")
+        if key not in allowed:
+            raise ReplyRejected(f"reply metric {key!r} is not in the allowlist ({', '.join(sorted(allowed))})")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ReplyRejected(f"reply metric {key!r}: {type(value).__name__} is not a single number")
     for key, value in (info or {}).items():
@@ -135,12 +140,16 @@ class Site:
         except (BudgetExceeded, PlanError) as exc:
             return None, {}, str(exc)
         self._keep(config, received, result)
-        metrics = {"num-examples": int(result.summary["patients"]), "patients": int(result.summary["patients"]),
-                   "records": int(result.summary["records_used"]), "loss": float(result.summary["loss"]),
-                   "train-seconds": float(result.summary["seconds"])}
+        if not all(np.isfinite(v).all() for v in result.weights.values()):  # never sent, whatever the cause
+            return None, {}, f"{self.name}: the pass produced non-finite weights; nothing was sent"
         if self.policy.private:
-            metrics.update(epsilon=float(result.summary["epsilon"]), delta=float(result.summary["delta"]))
-        check_reply(stage, config, result.weights, metrics)
+            metrics = {"num-examples": int(result.summary["population"]),
+                       "epsilon": float(result.summary["epsilon"]), "delta": float(result.summary["delta"])}
+        else:
+            metrics = {"num-examples": int(result.summary["patients"]), "patients": int(result.summary["patients"]),
+                       "records": int(result.summary["records_used"]), "loss": float(result.summary["loss"]),
+                       "train-seconds": float(result.summary["seconds"])}
+        check_reply(stage, config, result.weights, metrics, private=self.policy.private)
         return result.weights, metrics, None
 
     def spent(self) -> float | None:
@@ -178,3 +187,25 @@ class Site:
         name = f"dp_{result.stage}_loss.jsonl" if result.entry is not None else f"{result.stage}_loss.jsonl"
         with (self.work / name).open("a") as f:
             f.writelines(json.dumps(line) + "\n" for line in result.log)
+
+
+# What the server learns of a failure at the site: a fixed category, never the exception's text (it may
+# hold local paths, patient ids or data-dependent numbers). The full text goes to the site's own log.
+FAILURE_CATEGORIES = (("MissingInput", "a file the site needs is missing"),
+                      ("ConfigError", "the configuration was refused"),
+                      ("UserError", "the site's data or settings were refused"),
+                      ("MemoryError", "out of memory"),
+                      ("Exception", "internal error"))
+
+
+def site_failure(site: "Site", exc: BaseException) -> str:
+    """The reason sent for a pass that failed: the site's name and a fixed category; the exception itself
+    is appended to state/errors.log at the site."""
+    names = {k.__name__ for k in type(exc).__mro__}
+    category = next(text for name, text in FAILURE_CATEGORIES if name in names)
+    site.state_path.mkdir(parents=True, exist_ok=True)
+    import traceback
+
+    with (site.state_path / "errors.log").open("a") as log:
+        log.write("".join(traceback.format_exception(exc)) + "\n")
+    return f"{site.name}: site error: {category} (details in the site's state/errors.log)"

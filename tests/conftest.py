@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the explicit test-only switch that lets a private policy FILE fix its seed (ecgtwin.privacy.policy)
+os.environ["ECGTWIN_ALLOW_TEST_SEED"] = "1"
 
 
 def shared_data_dir() -> Path:

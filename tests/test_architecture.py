@@ -19,7 +19,7 @@ LAYERS = [
     ("accounting", ["ecgtwin.privacy"]),
     ("one local pass; inference", ["ecgtwin.train", "ecgtwin.twin"]),
     ("evaluation", ["ecgtwin.evaluate"]),
-    ("site and coordinator", ["ecgtwin.site", "ecgtwin.audit", "ecgtwin.coordinator"]),
+    ("site and coordinator", ["ecgtwin.site", "ecgtwin.audit", "ecgtwin.export", "ecgtwin.coordinator"]),
     ("applications", ["ecgtwin.demo", "ecgtwin.cli"]),
 ]
 FORBIDDEN = [  # (importer prefix, imported prefix): same or lower layer, but still not allowed

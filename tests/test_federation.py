@@ -33,7 +33,7 @@ from ecgtwin.coordinator.state import RunState
 from ecgtwin.coordinator.status import read_status
 from ecgtwin.weights import initial_weights, model_shapes
 from ecgtwin.privacy import Ledger
-from ecgtwin.site import ALLOWED_CONFIG, ALLOWED_METRICS, ReplyRejected, Site, check_reply
+from ecgtwin.site import ALLOWED_CONFIG, PRIVATE_METRICS, ReplyRejected, Site, check_reply
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -54,7 +54,8 @@ def tiny_config():
 def policy(**overrides) -> dict:
     stages = {s: {"rounds": 1, "local_steps": 2, "batch_patients": 4, "noise_multiplier": 1.0}
               for s in ("vae", "ibe", "twin")}
-    return {"epsilon": 50.0, "delta": 1e-3, "accountant": "rdp", "seed": 1, "stages": stages, **overrides}
+    return {"epsilon": 50.0, "delta": 1e-3, "accountant": "rdp", "seed": 1, "population": 8, "stages": stages,
+            **overrides}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,8 +114,10 @@ def test_site_trains_with_its_own_steps_and_refuses_beyond_its_budget(consortium
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(vae_only))
     site = open_site(sites, "site_a")
     new, metrics, refusal = site.train("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
-    assert refusal is None and set(metrics) == {"num-examples", "patients", "records", "loss", "epsilon", "delta",
-                                                     "train-seconds"}
+    # a private site sends DP weights, epsilon and delta, and its PUBLIC population as the weight: no loss,
+    # no count of its patients or records, no timing
+    assert refusal is None and set(metrics) == {"num-examples", "epsilon", "delta"}
+    assert metrics["num-examples"] == 8
     assert {k: v.shape for k, v in new.items()} == model_shapes("vae", config)
     assert any(not np.array_equal(new[k], v) for k, v in initial_weights("vae", config).items())
     ledger = Ledger(sites / "site_a" / "state" / "ledger.jsonl")
@@ -143,16 +146,22 @@ def test_site_trains_with_its_own_steps_and_refuses_beyond_its_budget(consortium
 def test_reply_allowlist(consortium):
     config = consortium["config"]
     good = initial_weights("ibe", config)
-    metrics = {"num-examples": 7, "patients": 7, "records": 9, "loss": 1.5, "epsilon": 2.0, "delta": 1e-3}
+    metrics = {"num-examples": 7, "epsilon": 2.0, "delta": 1e-3}
     check_reply("ibe", config, good, metrics, {"site": "site_a"})
+    plain = {"num-examples": 7, "patients": 7, "records": 9, "loss": 1.5, "train-seconds": 0.5}
+    check_reply("ibe", config, good, plain, {"site": "site_a"}, private=False)  # a non-private site may
+    for key in ("loss", "patients", "records", "train-seconds"):  # a private one may not
+        with pytest.raises(ReplyRejected, match=f"reply metric '{key}' is not in the allowlist"):
+            check_reply("ibe", config, good, {**metrics, key: plain[key]}, {"site": "site_a"})
     name = next(iter(good))
     bad_cases = [
         ({**good, "patient_latent": np.zeros((4, 32), np.float32)}, metrics, None, "unexpected"),
         ({k: v for k, v in good.items() if k != name}, metrics, None, "missing"),
         ({**good, name: np.zeros((*good[name].shape, 1), np.float32)}, metrics, None, "shape"),
         ({**good, name: good[name].astype(np.int64)}, metrics, None, "dtype"),
+        ({**good, name: np.full(good[name].shape, np.nan, np.float32)}, metrics, None, "non-finite"),
         (good, {**metrics, "hr_mean": 71.0}, None, "allowlist"),
-        (good, {**metrics, "loss": [1.0, 2.0]}, None, "single number"),
+        (good, {**metrics, "epsilon": [1.0, 2.0]}, None, "single number"),
         (good, metrics, {"site": "site_a", "patients": "p0001,p0002"}, "allowlist"),
     ]
     for arrays, m, info, message in bad_cases:
@@ -184,7 +193,7 @@ def inspect_reply(content, config, stage: str, store_patients: list[str]) -> Non
             # nothing shaped like a signal, a batch of signals or a latent of a patient
             assert not (value.ndim >= 2 and value.shape[-2:] in {(12, N_SAMPLES), latent}), name
     for record in content.metric_records.values():
-        assert set(record) <= ALLOWED_METRICS
+        assert set(record) <= PRIVATE_METRICS  # every site of these tests is private
         assert all(isinstance(v, (int, float)) for v in record.values())
     for record in content.config_records.values():
         assert set(record) <= ALLOWED_CONFIG
@@ -384,6 +393,30 @@ def test_simulation_end_to_end(consortium, sites, tmp_path):
         assert ledger_rounds(sites, site) == [("vae", 1), ("ibe", 1), ("twin", 1)]
         epsilons = [e["sites"][site]["epsilon"] for e in history]
         assert epsilons == sorted(epsilons) and epsilons[-1] == pytest.approx(open_site(sites, site).spent())
+    # `ecgtwin export`: what may be shared of the global model and of a site's own checkpoint
+    from ecgtwin.export import export_model
+
+    card = export_model(out / "model", tmp_path / "bundle")
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == [
+        "card.json", "card.md", "conditioning.json", "config.yaml", "ibe.safetensors", "twin.safetensors",
+        "vae.safetensors"]
+    assert card["privacy"]["differentially_private"] is True
+    assert set(card["privacy"]["federated_sites"]) == set(SITES)
+    generator_works(tmp_path / "bundle")
+    work = sites / "site_a" / "state" / "checkpoint"
+    assert list(work.glob("dp_*_loss.jsonl"))  # the site's own logs exist ...
+    site_card = export_model(work, tmp_path / "site_bundle", sites / "site_a" / "privacy.yaml",
+                             sites / "site_a" / "state" / "ledger.jsonl")
+    assert not list((tmp_path / "site_bundle").glob("*.jsonl"))  # ... and stay at the site
+    assert site_card["privacy"]["epsilon_spent"] == pytest.approx(open_site(sites, "site_a").spent())
+    import hashlib
+    assert all(hashlib.sha256((tmp_path / "site_bundle" / name).read_bytes()).hexdigest() == digest
+               for name, digest in site_card["files"].items())
+    # what the server kept of the private sites: epsilon, delta and the public weight, nothing else
+    for entry in history:
+        for site, reported in entry["sites"].items():
+            assert set(reported) - {"node_id"} == PRIVATE_METRICS - {"refused"}, (site, reported)
+            assert reported["num-examples"] == 8
 
 
 def free_port() -> int:
@@ -493,3 +526,29 @@ def weighted_mean(updates: list[tuple[dict, float]]) -> dict:
     total = float(sum(w for _, w in updates))
     return {k: sum(u[k].astype(np.float64) * (w / total) for u, w in updates).astype(updates[0][0][k].dtype)
             for k in updates[0][0]}
+
+
+def test_a_failure_at_a_site_reaches_the_server_as_a_category_only(consortium, sites, flower_identity):
+    """A store whose records.csv lost rows: the exception names the store's path and its row counts; the
+    reply carries only the site, a fixed category and no array; the text stays in the site's errors.log."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from client.app import make_app
+
+    store = sites / "site_a" / "store"
+    os.unlink(store)
+    shutil.copytree(consortium["sites"] / "site_a" / "store", store)
+    lines = (store / "records.csv").read_text().splitlines()
+    (store / "records.csv").write_text("\n".join(lines[:5]) + "\n")
+    config = consortium["config"]
+    content = RecordDict({"vae": ArrayRecord({k: Array(v) for k, v in initial_weights("vae", config).items()})})
+    content["config"] = ConfigRecord({"stage": "vae", "round": 1, "run-id": "t", "config-yaml": config_text(config)})
+    node_config = {"data-path": str(store), "policy-path": str(sites / "site_a" / "privacy.yaml"),
+                   "state-path": str(sites / "site_a" / "state")}
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    reply = make_app()(Message(content, dst_node_id=7, message_type="train"), context)
+    assert not reply.has_error() and len(reply.content.array_records) == 0
+    reason = reply.content["info"]["reason"]
+    assert reason == "site_a: site error: the site's data or settings were refused (details in the site's state/errors.log)"
+    assert str(sites) not in reason and not any(ch.isdigit() for ch in reason.replace("site_a", ""))
+    assert "records.csv has 4 rows" in (sites / "site_a" / "state" / "errors.log").read_text()

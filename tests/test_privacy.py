@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ecgtwin.models import IndividualBaseExtractor, info_nce
 from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, PrivacyPolicy, epsilon_of, load_policy, plan_budget
 from ecgtwin.privacy.policy import StagePlan, StagePlans
 from ecgtwin.train import private
+from ecgtwin.train.randomness import PatientRandomness
 from ecgtwin.weights import build_module
 from ecgtwin.config import STAGES
 from ecgtwin.data.split import training_rows
@@ -58,7 +60,8 @@ def policy(**overrides) -> PrivacyPolicy:
     stages = overrides.pop("stages", StagePlans(vae=StagePlan(rounds=1, local_steps=3, batch_patients=4),
                                                 ibe=StagePlan(rounds=1, local_steps=3, batch_patients=4),
                                                 twin=StagePlan(rounds=1, local_steps=3, batch_patients=4)))
-    settings = {"site": "test_site", "epsilon": 8.0, "delta": 1e-3, "accountant": "rdp", "seed": 0, **overrides}
+    settings = {"site": "test_site", "epsilon": 8.0, "delta": 1e-3, "accountant": "rdp", "seed": 0, "population": 12,
+                **overrides}
     return PrivacyPolicy(stages=stages, **settings)
 
 
@@ -67,11 +70,11 @@ def policy(**overrides) -> PrivacyPolicy:
 @pytest.mark.parametrize("text, message", [
     ("epsilon: 0\n", "epsilon: must be > 0"),
     ("epsilon: -3\n", "epsilon: must be > 0"),
-    ("delta: 1.5\n", "delta: must be in (0, 1)"),
-    ("accountant: moments\n", "accountant: must be one of prv, rdp"),
+    ("epsilon: 3\ndelta: 1.5\n", "delta: must be in (0, 1)"),
+    ("epsilon: 3\naccountant: moments\n", "accountant: must be one of prv, rdp"),
     ("noise: 1.0\n", "noise: unknown key"),
-    ("stages: {vae: {rounds: 1, local_steps: 0}}\n", "stages.vae: local_steps: must be >= 1"),
-    ("stages: {vae: {budget_fraction: 0.7}, ibe: {budget_fraction: 0.7}}\n", "budget_fraction values sum to 1.4"),
+    ("epsilon: 3\nstages: {vae: {rounds: 1, local_steps: 0}}\n", "stages.vae: local_steps: must be >= 1"),
+    ("epsilon: 3\nstages: {vae: {budget_fraction: 0.7}, ibe: {budget_fraction: 0.7}}\n", "budget_fraction values sum to 1.4"),
 ])
 def test_policy_errors_name_the_file_and_the_key(tmp_path, text, message):
     path = tmp_path / "privacy.yaml"
@@ -81,10 +84,66 @@ def test_policy_errors_name_the_file_and_the_key(tmp_path, text, message):
     assert str(path) in str(error.value) and message in str(error.value)
 
 
-def test_delta_must_be_below_one_over_patients():
-    with pytest.raises(ValueError, match=r"delta 0.1 must be < 1/patients = 1/20"):
-        plan_budget(policy(delta=0.1), n_patients=20, where="site")
-    plan_budget(policy(delta=0.01), n_patients=20)  # fine
+def test_delta_must_be_a_tenth_of_one_over_patients():
+    with pytest.raises(ValueError, match=r"delta 0.01 must be <= 0.1/patients = 0.1/20 = 0.005"):
+        plan_budget(policy(delta=0.01), n_patients=20, where="site")
+    plan_budget(policy(delta=0.005), n_patients=20)  # fine
+    with pytest.warns(UserWarning, match="max_delta_times_population 0.5 > 0.1"):
+        loose = policy(delta=0.01, max_delta_times_population=0.5)
+    plan_budget(loose, n_patients=20)  # the officer relaxed it, and was warned
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epsilon: .inf\ndelta: 0.001\n", "epsilon: must be > 0 and finite, got inf"),
+    ("epsilon: .nan\ndelta: 0.001\n", "epsilon: must be > 0 and finite, got nan"),
+    ("epsilon: 3\ndelta: .nan\n", "delta: must be in (0, 1)"),
+    ("private: false\nepsilon: 3\n", "private: false with epsilon 3"),
+    ("delta: 0.001\n", "epsilon: required for a private site"),
+    ("epsilon: 3\nepsilon: 9\n", "key 'epsilon' given twice"),
+    ("", "privacy policy is empty"),
+    ("epsilon: 3\nunit: visit\n", "unit: must be one of patient, record"),
+])
+def test_policies_that_would_mislead_are_refused(tmp_path, text, message):
+    path = tmp_path / "privacy.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_policy(path)
+
+
+def test_a_private_policy_file_may_not_fix_its_seed(tmp_path, monkeypatch):
+    path = tmp_path / "privacy.yaml"
+    path.write_text("epsilon: 3\nseed: 4\n")
+    monkeypatch.delenv("ECGTWIN_ALLOW_TEST_SEED")
+    with pytest.raises(ConfigError, match="seed: a fixed seed makes the DP noise repeatable"):
+        load_policy(path)
+    path.write_text("private: false\nseed: 4\n")
+    assert load_policy(path).seed == 4  # a non-private site has no noise to repeat
+    monkeypatch.setenv("ECGTWIN_ALLOW_TEST_SEED", "1")
+    path.write_text("epsilon: 3\nseed: 4\n")
+    assert load_policy(path).seed == 4
+
+
+def test_the_sampling_rate_comes_from_the_public_population_not_the_store(store):
+    """q = batch / population: the same noise whatever the private count (up to the population)."""
+    from ecgtwin.privacy.plan import stage_noise
+
+    pol = policy(population=40)
+    assert stage_noise(pol, "vae", pol.population)[0] == pytest.approx(4 / 40)
+    assert pol.declared_population(11) == 40
+    with pytest.raises(ValueError, match="more training patients than the policy's population 40"):
+        pol.declared_population(41)
+    with pytest.raises(ValueError, match="population: required for DP training"):
+        policy(population=None).declared_population(11)
+
+
+def test_a_nan_epsilon_is_refused_by_the_ledger(tmp_path, monkeypatch):
+    import ecgtwin.privacy.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "epsilon_of", lambda *a, **k: float("nan"))
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    with pytest.raises(BudgetExceeded):
+        ledger.charge(policy(), "vae", 1, 10, 0.1, 1.0, patients=10)
+    assert ledger.entries() == []
 
 
 # -- the accountant against an independent one -------------------------------------------------------
@@ -118,7 +177,7 @@ def test_ledger_epsilon_is_the_composition_of_its_releases(tmp_path):
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_plan_spends_the_budget_over_all_stages(accountant):
-    pol = policy(accountant=accountant, stages=StagePlans(
+    pol = policy(accountant=accountant, delta=1e-4, stages=StagePlans(
         vae=StagePlan(rounds=3, local_steps=20, batch_patients=16, budget_fraction=0.5),
         ibe=StagePlan(rounds=2, local_steps=10, batch_patients=16),
         twin=StagePlan(rounds=3, local_steps=40, batch_patients=16)))
@@ -143,7 +202,7 @@ def test_plan_refuses_a_budget_it_cannot_meet():
 
 def test_cli_privacy_plan(store, tmp_path, capsys):
     path = tmp_path / "privacy.yaml"
-    path.write_text("site: a\nepsilon: 4\ndelta: 0.001\naccountant: rdp\n"
+    path.write_text("site: a\nepsilon: 4\ndelta: 0.001\naccountant: rdp\npopulation: 12\n"
                     "stages: {vae: {rounds: 2, local_steps: 5, batch_patients: 4}, ibe: {rounds: 0}, "
                     "twin: {rounds: 1, local_steps: 5, batch_patients: 4}}\n")
     assert main(["privacy", "plan", "--policy", str(path), "--store", str(store), "--json"]) == 0
@@ -151,9 +210,10 @@ def test_cli_privacy_plan(store, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [s["stage"] for s in report["stages"]] == ["vae", "twin"]
     assert report["expected_epsilon"] == pytest.approx(4.0, rel=0.01)
-    path.write_text("epsilon: 4\ndelta: 0.5\n")
+    assert report["population"] == 12 and report["unit"] == "patient"
+    path.write_text("epsilon: 4\ndelta: 0.5\npopulation: 12\n")
     assert main(["privacy", "plan", "--policy", str(path), "--store", str(store)]) == 1
-    assert "delta 0.5 must be < 1/patients" in capsys.readouterr().err
+    assert "delta 0.5 must be <= 0.1/patients" in capsys.readouterr().err
 
 
 # -- per-patient gradients ---------------------------------------------------------------------------
@@ -234,18 +294,17 @@ def test_clipping_bounds_each_patients_contribution(store, tmp_path, mode, recor
     extreme = np.array(s.signals[rows]) * 1.0
     units = private._units_by_patient(s, rows)
     j = 3  # last in the batch: the VAE's sampling noise of the others is then the same in both runs
-    extreme[units[j]] *= 25.0  # an outlier patient
+    extreme[units[j][1]] *= 25.0  # an outlier patient
 
     def grads(picks) -> torch.Tensor:
-        built = private._vae(config, s, rows, {}, pol, np.random.default_rng(0), None)
+        built = private._vae(config, s, rows, {}, pol, PatientRandomness.from_seed(0), None)
         built.unit_loss = _with_signals(built, config, extreme)
         with private.dp_step(built, pol, config.vae, expected_batch=4.0, sigma=0.0,
                              generator=torch.Generator().manual_seed(0)) as step:
-            torch.manual_seed(1)  # the VAE's reparameterisation noise: the same in both runs
             step(picks, 0)
             return torch.cat([p.grad.flatten() for p in built.module.parameters()])
 
-    picks = [units[u][:records] for u in range(4)]
+    picks = [(units[u][0], units[u][1][:records]) for u in range(4)]
     with_j, without_j = grads(picks), grads(picks[:j] + picks[j + 1:])
     contribution = (with_j - without_j).norm().item() * 4.0  # times expected batch size E
     assert contribution == pytest.approx(pol.max_grad_norm, rel=1e-3)
@@ -257,10 +316,13 @@ def _with_signals(built, config, signals: np.ndarray):
     from ecgtwin.train.losses import vae_batch_loss
 
     x = torch.from_numpy(signals.astype(np.float32))
+    latent = (config.model.vae.latent_channels, config.data.n_samples // 8)
 
-    def unit_loss(picks, generator, step):
+    def unit_loss(picks, step):
         index, unit = private._flatten(picks)
-        loss = vae_batch_loss(built.module, x[index], kl_weight_at(step, 100, 1e-4))
+        noise = torch.stack([torch.randn(latent, generator=torch.Generator().manual_seed(int(pid[1:]) * 100 + k))
+                             for pid, items in picks for k in range(len(items))])  # each patient's own noise
+        loss = vae_batch_loss(built.module, x[index], kl_weight_at(step, 100, 1e-4), noise=noise)
         return private._per_unit_mean(loss, unit, len(picks)), unit
 
     return unit_loss
@@ -309,7 +371,7 @@ def test_a_pass_removes_opacus_hooks_when_it_ends(store):
     config, pol = load_config(CONFIG), policy()
     s = SiteStore(store)
     rows = training_rows(s, config.data.held_out_fraction, config.data.split_seed)
-    built = private._vae(config, s, rows, {}, pol, np.random.default_rng(0), None)
+    built = private._vae(config, s, rows, {}, pol, PatientRandomness.from_seed(0), None)
 
     def hooks() -> int:
         return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks)
@@ -318,7 +380,7 @@ def test_a_pass_removes_opacus_hooks_when_it_ends(store):
     clean = hooks()
     with private.dp_step(built, pol, config.vae, 4.0, 1.0, torch.Generator().manual_seed(0)) as step:
         assert hooks() > clean  # Opacus is wired in during the pass
-        step([built.units[0][:1], built.units[1][:1]], 0)
+        step([(pid, items[:1]) for pid, items in built.units[:2]], 0)
     assert hooks() == clean
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in built.module.parameters())
     with pytest.raises(RuntimeError, match="boom"):
@@ -348,7 +410,7 @@ def test_cli_train_with_policy_and_ledger(store, tmp_path, capsys):
     site = tmp_path / "site"
     site.mkdir()
     (site / "privacy.yaml").write_text(
-        "site: a\nepsilon: 3\ndelta: 0.001\naccountant: rdp\nseed: 0\n"
+        "site: a\nepsilon: 3\ndelta: 0.001\naccountant: rdp\nseed: 0\npopulation: 12\n"
         "stages: {vae: {rounds: 2, local_steps: 2, batch_patients: 4}, ibe: {rounds: 0}, twin: {rounds: 0}}\n")
     args = ["train", "--config", str(CONFIG), "--stage", "vae", "--store", str(store), "--out", str(tmp_path / "c"),
             "--policy", str(site / "privacy.yaml"), "--no-progress"]
@@ -405,3 +467,80 @@ def test_fedprox_proximal_step_pulls_towards_the_global_weights(store, tmp_path)
             new = run({"vae": start}, mu)
             moved = max(float(np.abs(new[k] - start[k]).max()) for k in start)
             assert (moved < 1e-5) is same, (name, mu, moved)
+
+
+# -- one patient's randomness and gradient never depend on another patient ------------------------------
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_removing_one_patient_changes_no_other_patients_gradient(store, stage):
+    """Per-patient gradients of a DP step with and without the FIRST patient of the batch: every other
+    patient's gradient is identical (its sampling, records, VAE noise, diffusion draws, dropout, public
+    negatives and reference ECG come from its own generator). The pre-fix code drew them by position."""
+    from ecgtwin.train.randomness import PatientRandomness
+    from ecgtwin.weights import initial_weights
+
+    config = load_config(CONFIG)
+    s = SiteStore(store)
+    rows = training_rows(s, config.data.held_out_fraction, config.data.split_seed)
+    frozen = {st: initial_weights(st, config) for st in STAGES[: STAGES.index(stage)]}
+    rand = PatientRandomness.from_seed(3, "site", stage, 1)
+    built = private._BUILDERS[stage](config, s, rows, frozen, policy(), rand, None)
+    picks = [(pid, items[:1]) for pid, items in built.units[:4]]
+
+    def grads(chosen) -> torch.Tensor:
+        return per_patient_grads(built.module, lambda: built.unit_loss(chosen, 5))
+
+    with_first, without_first = grads(picks), grads(picks[1:])
+    # equal up to float reordering in a smaller batch (a shifted random draw moves them by O(1))
+    moved = (without_first - with_first[1:]).norm(dim=1) / with_first[1:].norm(dim=1)
+    assert moved.max() < 1e-4, moved
+    # and the reference a twin-stage patient gets does not depend on who else is in the store
+    if stage == "twin":
+        fewer = s.records_of(s.patients[0])
+        kept = np.setdiff1d(rows, fewer)
+        a = private.stage_inputs.reference_rows(s, rows, lambda p: rand.numpy("reference", -1, p))
+        b = private.stage_inputs.reference_rows(s, kept, lambda p: rand.numpy("reference", -1, p))
+        assert np.array_equal(a[np.isin(rows, kept)], b)
+
+
+def test_a_patient_whose_loss_is_infinite_does_not_poison_the_step(store, tmp_path):
+    """One patient's records scaled to 1e30 (finite in float32, infinite once squared): the pass drops that
+    patient from each step it is sampled in, the weights stay finite, and the site would send them."""
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    signals = np.load(copy / "signals.npy")
+    s = SiteStore(store)
+    signals[s.records_of(s.patients[0])] = 1e30
+    np.save(copy / "signals.npy", signals)
+    config = load_config(CONFIG)
+    config.data.held_out_fraction = 0.0
+    pol = policy(epsilon=1e4, stages=StagePlans(vae=StagePlan(rounds=1, local_steps=3, batch_patients=12,
+                                                              noise_multiplier=1.0)))  # q = 1
+    result = private.private_pass("vae", config, SiteStore(copy), {}, pol, Ledger(tmp_path / "ledger.jsonl"))
+    assert result.summary["non_finite_patients"] == 3  # sampled (q = 1) and dropped in each of the 3 steps
+    assert all(np.isfinite(v).all() for v in result.weights.values())
+    assert np.isfinite(result.summary["loss"])
+
+
+def test_a_store_without_patient_ids_needs_unit_record(challenge_root, tmp_path):
+    """The Challenge databases carry no patient ids (one recording = one patient): DP training refuses to call
+    that patient-level unless the policy says unit: record, and the ledger and plan then say so."""
+    prepare_store("challenge", challenge_root, tmp_path / "store", on_reject=lambda r: None)
+    s = SiteStore(tmp_path / "store")
+    assert s.patient_ids_are_records
+    config = load_config(CONFIG)
+    one = StagePlans(vae=StagePlan(rounds=1, local_steps=1, batch_patients=4), ibe=StagePlan(rounds=0),
+                     twin=StagePlan(rounds=0))
+    patient_level = policy(population=len(s.patients), delta=1e-4, stages=one)
+    with pytest.raises(ValueError, match="set unit: record"):
+        private.private_pass("vae", config, s, {}, patient_level, Ledger(tmp_path / "a.jsonl"))
+    assert not (tmp_path / "a.jsonl").exists()
+    record_level = dataclasses.replace(patient_level, unit="record")
+    result = private.private_pass("vae", config, s, {}, record_level, Ledger(tmp_path / "b.jsonl"))
+    assert result.entry["unit"] == "record" and result.summary["unit"] == "record"
+
+
+def test_a_store_with_patient_ids_is_patient_level(store):
+    assert not SiteStore(store).patient_ids_are_records

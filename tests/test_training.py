@@ -211,3 +211,10 @@ def test_stages_refuse_missing_prerequisites_and_foreign_checkpoints(trained, tm
     with pytest.raises(ConfigError, match="different model configuration"):
         train_stage("vae", config, trained["store"], trained["ckpt"], progress=False)
 
+
+
+def test_export_refuses_a_checkpoint_with_a_site_fitted_normaliser(trained, tmp_path):
+    """Centralised training fits HR/age statistics on the store: an un-noised statistic of its patients."""
+    done = ecgtwin("export", "--checkpoint", trained["ckpt"], "--out", tmp_path / "bundle", check=False)
+    assert done.returncode == 1 and "fitted on a site's patients" in done.stderr
+    assert not (tmp_path / "bundle").exists()

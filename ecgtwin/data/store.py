@@ -125,6 +125,12 @@ class SiteStore:
         return len(self.records)
 
     @property
+    def patient_ids_are_records(self) -> bool:
+        """True when the source had no patient ids and each recording stands for its own patient (the
+        Challenge databases, a flat WFDB folder): patient-level DP is then only record-level DP."""
+        return bool(self.records["extra"].str.contains('"patient_id_from": "record"', regex=False).any())
+
+    @property
     def fs(self) -> float:
         return float(self.manifest["representation"]["fs"])
 

@@ -73,13 +73,19 @@ class GaussianDiffusion:
             raise ValueError("noise_draws must be >= 1")
         b = x0.shape[0]
         where = generator.device if generator is not None else x0.device
-        total = x0.new_zeros(b)
+        t, noise = [], []
         for _ in range(noise_draws):
-            t = torch.randint(0, self.num_steps, (b,), generator=generator, device=where).to(x0.device)
-            noise = _noise(x0.shape, generator, x0.device, x0.dtype)
-            eps = model_fn(self.q_sample(x0, t, noise), t)
-            total = total + (eps - noise).pow(2).flatten(1).mean(dim=1)
-        return total / noise_draws
+            t.append(torch.randint(0, self.num_steps, (b,), generator=generator, device=where).to(x0.device))
+            noise.append(_noise(x0.shape, generator, x0.device, x0.dtype))
+        return self.loss_at(model_fn, x0, torch.stack(t), torch.stack(noise))
+
+    def loss_at(self, model_fn: ModelFn, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample epsilon MSE (B,) averaged over given draws: t (D, B) timesteps, noise (D, B, ...)."""
+        total = x0.new_zeros(x0.shape[0])
+        for t_d, noise_d in zip(t, noise):
+            eps = model_fn(self.q_sample(x0, t_d, noise_d), t_d)
+            total = total + (eps - noise_d).pow(2).flatten(1).mean(dim=1)
+        return total / len(t)
 
     # -- samplers ----------------------------------------------------------------------------
 

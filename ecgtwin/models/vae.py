@@ -168,13 +168,14 @@ class ECGVAE(nn.Module):
         """(B, latent_channels, L / 8) unscaled latent -> (B, 12, L) signal."""
         return self.decoder(z)
 
-    def forward(self, x: Tensor, sample: bool = True,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Reconstruct x through a posterior sample (or the mean): (x_hat, mean, logvar). The sample's noise
-        comes from `generator` (the pass's own) when given."""
+        is `noise` when given (DP: drawn per patient), else drawn from `generator`."""
         mean, logvar = self.encode(x)
         if sample:
-            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+            if noise is None:
+                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
             z = mean + noise * (0.5 * logvar).exp()
         else:
             z = mean

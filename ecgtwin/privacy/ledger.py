@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -78,7 +79,7 @@ class Ledger:
         history = self.history()
         before = epsilon_of(history, policy.delta, policy.accountant)
         after = epsilon_of(history + [(noise_multiplier, sample_rate, steps)], policy.delta, policy.accountant)
-        if after > policy.epsilon * (1 + 1e-6):
+        if not (math.isfinite(after) and after <= policy.epsilon * (1 + 1e-6)):  # a NaN epsilon is refused too
             raise BudgetExceeded(
                 f"{policy.site or self.path.parent}: privacy budget refused: spent epsilon {before:.3f} of "
                 f"{policy.epsilon:g} (delta {policy.delta:g}); asked {stage} round {round}: {steps} steps at "
@@ -87,7 +88,8 @@ class Ledger:
         entry = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "site": policy.site,
                  "run": run, "stage": stage, "round": round, "steps": steps, "sample_rate": sample_rate,
                  "noise_multiplier": noise_multiplier, "max_grad_norm": policy.max_grad_norm,
-                 "records_per_patient": policy.records_per_patient, "patients": patients,
+                 "records_per_patient": policy.records_per_patient, "patients": patients, "unit": policy.unit,
+                 "population": policy.population,
                  "epsilon": after, "delta": policy.delta, "accountant": policy.accountant}
         self._append(entry)
         return entry

@@ -9,17 +9,23 @@ multiplier. Errors name the file and the key, e.g. `privacy.yaml: epsilon: must 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import warnings
 from pathlib import Path
 
 import yaml
 
 from ecgtwin.config import STAGES
-from ecgtwin.config import load_yaml, to_dict
+from ecgtwin.config import ConfigError, load_yaml, to_dict
 from ecgtwin.errors import UserError
 
 STAGE_ORDER = STAGES
 ACCOUNTANTS = ("prv", "rdp")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
+UNITS = ("patient", "record")
+# A fixed `seed` makes DP noise repeatable: allowed in a private policy only where this is set (the tests)
+TEST_SEED_SWITCH = "ECGTWIN_ALLOW_TEST_SEED"
 
 
 @dataclasses.dataclass
@@ -64,8 +70,13 @@ class PrivacyPolicy:
 
     site: str = ""
     private: bool = True  # false: no DP at all (research on public or synthetic data only)
-    epsilon: float = 8.0
+    epsilon: float | None = None  # required when private; refused when not
     delta: float = 1e-5
+    # the number of patients the site declares publicly (e.g. rounded up from its count): the sampling rate
+    # is batch_patients / population, so neither the noise nor the reply depends on the private count
+    population: int | None = None
+    unit: str = "patient"  # the privacy unit; "record" only where the data has no patient ids
+    max_delta_times_population: float = 0.1  # delta <= this / population; above 0.1 with a warning
     accountant: str = "prv"  # prv (tight, Opacus' default) | rdp
     max_grad_norm: float = 1.0  # per-patient clipping norm
     records_per_patient: int = 1  # at most this many of a patient's records in one step
@@ -74,14 +85,30 @@ class PrivacyPolicy:
     grad_sample_mode: str = "auto"
     public_negatives: int = 15  # IBE DP objective: public synthetic negatives per patient per step
     max_noise_multiplier: float = 20.0  # a plan needing more noise than this is refused as useless
-    seed: int | None = None  # None: sampling and noise from OS entropy (production); set only in tests
+    seed: int | None = None  # None: every pass's randomness from OS entropy (production); tests and audits only
     stages: StagePlans = dataclasses.field(default_factory=StagePlans)
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise UserError(f"epsilon: must be > 0, got {self.epsilon}")
-        if not 0 < self.delta < 1:
+        if not self.private:
+            if self.epsilon is not None:
+                raise UserError(f"private: false with epsilon {self.epsilon:g}: a non-private site spends no "
+                                "budget; remove epsilon, or set private: true")
+        else:
+            if self.epsilon is None:
+                raise UserError("epsilon: required for a private site (the total budget over all stages and rounds)")
+            if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+                raise UserError(f"epsilon: must be > 0 and finite, got {self.epsilon}")
+        if not (math.isfinite(self.delta) and 0 < self.delta < 1):
             raise UserError(f"delta: must be in (0, 1), got {self.delta}")
+        if self.population is not None and self.population < 1:
+            raise UserError(f"population: must be >= 1, got {self.population}")
+        if self.unit not in UNITS:
+            raise UserError(f"unit: must be one of {', '.join(UNITS)}, got {self.unit!r}")
+        if not 0 < self.max_delta_times_population < 1:
+            raise UserError(f"max_delta_times_population: must be in (0, 1), got {self.max_delta_times_population}")
+        if self.max_delta_times_population > 0.1:
+            warnings.warn(f"max_delta_times_population {self.max_delta_times_population:g} > 0.1: delta then "
+                          "allows a sizeable chance of releasing a patient outright", stacklevel=2)
         if self.accountant not in ACCOUNTANTS:
             raise UserError(f"accountant: must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -116,17 +143,37 @@ class PrivacyPolicy:
         return {s: given.get(s, shares.get(s, 0.0)) for s in stages}
 
     def check_patients(self, n_patients: int, where: str = "") -> None:
-        """delta must be below 1/patients, or the guarantee allows releasing a whole patient."""
+        """delta must be well below 1/patients (by default <= 0.1/patients), or the guarantee allows
+        releasing a whole patient with non-negligible probability."""
         if n_patients < 1:
             raise UserError(f"{where}: the store has no training patients")
-        if self.delta >= 1.0 / n_patients:
-            raise UserError(f"{where}: delta {self.delta:g} must be < 1/patients = 1/{n_patients} "
-                             f"= {1.0 / n_patients:.3g}")
+        limit = self.max_delta_times_population / n_patients
+        if self.delta > limit:
+            raise UserError(f"{where}: delta {self.delta:g} must be <= {self.max_delta_times_population:g}/patients "
+                            f"= {self.max_delta_times_population:g}/{n_patients} = {limit:.3g}")
+
+    def declared_population(self, n_training: int, where: str = "") -> int:
+        """The public patient count a DP pass plans with; refuses a private count above it (delta and the
+        sampling rate are set against the declared count) and a store whose patients are records unless
+        the policy says so."""
+        if self.population is None:
+            raise UserError(f"{where}: population: required for DP training: the number of patients the site "
+                            "declares publicly (at least its training patients); the sampling rate and the reply's "
+                            "weight use it instead of the private count")
+        if n_training > self.population:
+            raise UserError(f"{where}: the store has more training patients than the policy's population "
+                            f"{self.population}; declare a larger population")
+        return self.population
 
 
 def load_policy(path: str | Path) -> PrivacyPolicy:
-    """Read and validate a site privacy policy."""
-    return load_yaml(PrivacyPolicy, path, "privacy policy")
+    """Read and validate a site privacy policy. A policy file of a private site may not fix the seed: that
+    would make the DP noise repeatable across rounds and sites (tests set ECGTWIN_ALLOW_TEST_SEED=1)."""
+    policy = load_yaml(PrivacyPolicy, path, "privacy policy")
+    if policy.private and policy.seed is not None and os.environ.get(TEST_SEED_SWITCH) != "1":
+        raise ConfigError(f"{path}: seed: a fixed seed makes the DP noise repeatable across rounds and sites; "
+                          "remove it from a private policy (only tests may set one)")
+    return policy
 
 
 def site_policy(site: str, rounds: tuple[int, ...], local_steps: tuple[int, ...], batch_patients: int,

@@ -13,7 +13,7 @@ from ecgtwin.privacy.ledger import Ledger
 from ecgtwin.privacy.plan import plan_budget
 from ecgtwin.privacy.policy import STAGE_ORDER, load_policy
 from ecgtwin.data.split import training_rows
-from ecgtwin.errors import MissingInput
+from ecgtwin.errors import MissingInput, UserError
 
 
 def training_patients(store: SiteStore, config: ExperimentConfig | None = None) -> int:
@@ -24,10 +24,20 @@ def training_patients(store: SiteStore, config: ExperimentConfig | None = None) 
 
 
 def plan_report(policy_path: str | Path, store_path: str | Path, config: ExperimentConfig | None = None) -> dict:
+    """The plan a DP pass will use: sampling rates over the policy's public population (checked against the
+    store's training patients), the noise per stage and the epsilon expected after each."""
     policy = load_policy(policy_path)
-    n = training_patients(SiteStore(store_path), config)
-    stages = plan_budget(policy, n, where=str(policy_path))
-    return {"policy": str(policy_path), "site": policy.site, "patients": n, "epsilon": policy.epsilon,
+    if not policy.private:
+        raise UserError(f"{policy_path}: private: false: this site trains without DP, there is no plan")
+    store = SiteStore(store_path)
+    n = training_patients(store, config)
+    if store.patient_ids_are_records and policy.unit != "record":
+        raise UserError(f"{store_path}: the source has no patient ids (one recording = one patient); set unit: "
+                        "record in the policy to plan record-level DP")
+    population = policy.declared_population(n, where=str(policy_path))
+    stages = plan_budget(policy, population, where=str(policy_path))
+    return {"policy": str(policy_path), "site": policy.site, "patients": n, "population": population,
+            "unit": policy.unit, "epsilon": policy.epsilon,
             "delta": policy.delta, "accountant": policy.accountant, "max_grad_norm": policy.max_grad_norm,
             "records_per_patient": policy.records_per_patient,
             "expected_epsilon": stages[-1].epsilon_after if stages else 0.0,

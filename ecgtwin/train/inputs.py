@@ -9,6 +9,7 @@ of the same patient from the frozen IBE.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,13 +39,16 @@ def earlier_later_pairs(store: SiteStore, rows: np.ndarray) -> np.ndarray:
     return np.array(pairs, dtype=int).reshape(-1, 2)
 
 
-def reference_rows(store: SiteStore, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def reference_rows(store: SiteStore, rows: np.ndarray,
+                   rng_of: Callable[[str], np.random.Generator]) -> np.ndarray:
     """For every training row, another record of the same patient to take the person from (ECGTwin's
-    reference ECG); the record itself when the patient has only one."""
+    reference ECG); the record itself when the patient has only one. `rng_of(patient)` gives the draws
+    (per patient in a DP pass, so that no patient's pick depends on another's)."""
     allowed = set(rows.tolist())
     refs = {}
     for patient in store.patients:
         mine = [r for r in store.records_of(patient) if r in allowed]
+        rng = rng_of(patient)
         for r in mine:
             others = [o for o in mine if o != r]
             refs[r] = int(rng.choice(others)) if others else r
@@ -96,11 +100,11 @@ class TwinInputs:
 
 
 def twin_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, ibe: IndividualBaseExtractor,
-                conditioner: Conditioner, rng: np.random.Generator) -> TwinInputs:
-    """Latents, conditions and the base vector of each row's reference ECG (picked with `rng`)."""
+                conditioner: Conditioner, rng_of: Callable[[str], np.random.Generator]) -> TwinInputs:
+    """Latents, conditions and the base vector of each row's reference ECG (picked with `rng_of`)."""
     latents = encode_latents(vae, store.signals[rows])
     conditions = store_conditions(store.records.iloc[rows], conditioner)
     base_all = base_vectors(ibe, latents, conditions)
     local = {row: i for i, row in enumerate(rows)}
-    refs = np.array([local[r] for r in reference_rows(store, rows, rng)])
+    refs = np.array([local[r] for r in reference_rows(store, rows, rng_of)])
     return TwinInputs(latents, conditions, base_all[torch.from_numpy(refs)])

@@ -131,7 +131,7 @@ def _ibe_stage(config, store, rows, ibe, frozen, conditioner, rng) -> Stage:
 
 def _twin_stage(config, store, rows, denoiser, frozen, conditioner, rng) -> Stage:
     settings = config.twin
-    data = stage_inputs.twin_inputs(store, rows, frozen[0], frozen[1], conditioner, rng)
+    data = stage_inputs.twin_inputs(store, rows, frozen[0], frozen[1], conditioner, lambda patient: rng)
     diffusion = GaussianDiffusion(config.model.diffusion)
 
     def step_loss(step: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, dict]:

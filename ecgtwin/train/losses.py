@@ -12,9 +12,10 @@ from ecgtwin.models import sample_drop_masks
 
 
 def vae_batch_loss(vae: ECGVAE, signals: Tensor, kl_weight: float,
-                   generator: torch.Generator | None = None) -> Tensor:
-    """Per-record VAE loss [B] (reconstruction + weighted KL); the posterior sample's noise from `generator`."""
-    x_hat, mean, logvar = vae(signals, generator=generator)
+                   generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+    """Per-record VAE loss [B] (reconstruction + weighted KL); the posterior sample's noise is `noise`, or
+    drawn from `generator`."""
+    x_hat, mean, logvar = vae(signals, generator=generator, noise=noise)
     return vae_loss(signals, x_hat, mean, logvar, kl_weight)
 
 
@@ -57,3 +58,13 @@ def ibe_private_loss(ibe: torch.nn.Module, ref: tuple[Tensor, Tensor, Tensor], t
     base = ibe(latents, tokens, mask)
     negatives = base[2 * b:].reshape(b, -1, base.shape[-1])
     return public_negative_nce(base[:b], base[b:2 * b], negatives, temperature)
+
+
+def twin_loss_at(denoiser: AdaXDenoiser, diffusion: GaussianDiffusion, z0: Tensor, base: Tensor, tokens: Tensor,
+                 mask: Tensor, drop_base: Tensor, drop_cond: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Per-record epsilon loss [B] at given dropout masks (B,) and draws t (D, B), noise (D, B, C, L): the DP
+    pass draws them per patient."""
+    def model_fn(z_t: Tensor, t_d: Tensor) -> Tensor:
+        return denoiser(z_t, t_d, base, tokens, mask, drop_base=drop_base, drop_cond=drop_cond)
+
+    return diffusion.loss_at(model_fn, z0, t, noise)

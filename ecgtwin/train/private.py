@@ -7,6 +7,12 @@ public negatives, every noise draw of the diffusion loss) are summed into that p
 before the DPOptimizer clips it to `max_grad_norm` and adds Gaussian noise. So a patient with many
 recordings contributes at most one clipped gradient per step, which is what the accountant assumes.
 
+Every random draw that touches a patient's gradient comes from the pass's secret key, per patient
+(ecgtwin.train.randomness): removing one patient changes no other patient's gradient. The sampling rate
+is batch_patients / the policy's public population, never the private count. A patient whose loss or
+gradient is not finite contributes nothing to the step (its gradient is zeroed before clipping, so the
+sensitivity stays max_grad_norm and no NaN reaches the weights).
+
 The pass is charged to the site's ledger before it trains (see ecgtwin.privacy.ledger); a pass that
 would exceed the budget is refused and nothing is trained.
 """
@@ -36,25 +42,34 @@ from ecgtwin.privacy import Ledger, PrivacyPolicy
 from ecgtwin.privacy.plan import stage_noise
 from ecgtwin.train import inputs as stage_inputs
 from ecgtwin.train.local import population_conditioner, proximal_step
-from ecgtwin.train.losses import ibe_private_loss, twin_batch_loss, vae_batch_loss
+from ecgtwin.train.losses import ibe_private_loss, twin_loss_at, vae_batch_loss
 from ecgtwin.train.public import public_negatives
+from ecgtwin.train.randomness import PatientRandomness
 from ecgtwin.train.result import PassResult, StageWeights, check_store, frozen_stages, pass_rows
 from ecgtwin.weights import module_from, module_weights
 
-# patients chosen this step -> (loss of each patient [U], the patient slot of every forward row [R])
-UnitLoss = Callable[[list[np.ndarray], torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
+Unit = tuple[str, np.ndarray]  # (patient id, the items it contributes this step: records or IBE pairs)
+# the units chosen this step, the step -> (loss of each unit [U], the unit slot of every forward row [R])
+UnitLoss = Callable[[list[Unit], int], tuple[torch.Tensor, torch.Tensor]]
 PLAN_CACHE = "plan_cache.json"  # in the site's cache folder
 
 
 @dataclasses.dataclass
 class PrivateStage:
     module: torch.nn.Module
-    units: list[np.ndarray]  # per patient: the items (records or IBE pairs) it may contribute
+    units: list[Unit]  # per patient: its id and all the items it may contribute
     unit_loss: UnitLoss
     one_row_per_unit: bool  # ghost clipping needs it (one forward, one row per patient)
     # what grad_sample_mode "auto" uses: hooks was fastest for every stage on CPU (docs/benchmarks.md);
     # a stage measured faster otherwise (e.g. on GPU) sets its own
     fastest_mode: str = "hooks"
+
+
+def pass_randomness(policy: PrivacyPolicy, stage: str, round: int) -> PatientRandomness:
+    """The pass's secret key: fresh OS entropy, or (tests only, see PrivacyPolicy.seed) from the seed."""
+    if policy.seed is None:
+        return PatientRandomness.fresh()
+    return PatientRandomness.from_seed(policy.seed, policy.site, stage, round)
 
 
 def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: StageWeights,
@@ -70,48 +85,52 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
     noisy step; the result carries that ledger entry. `cache_dir` (site-side) keeps the noise plan, the
     statement embeddings and the public negatives between passes."""
     check_store(store, config)
+    where = policy.site or "site"  # no local paths in messages: a refusal's reason goes to the server
+    if store.patient_ids_are_records and policy.unit != "record":
+        raise UserError(f"{where}: the store's source has no patient ids (each recording stands for its own "
+                        "patient), so patient-level DP would be record-level DP; set unit: record in the policy "
+                        "to train with that weaker guarantee")
     rows = pass_rows(store, config, patients)
-    seed = None if policy.seed is None else policy.seed + 1000 * round + STAGES.index(stage)
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator()
-    generator.manual_seed(seed) if seed is not None else generator.seed()
-    built = _BUILDERS[stage](config, store, rows, weights, policy, rng, cache_dir)
-    # q is over ALL training patients, the same population in every stage (the plan assumes it); a
-    # patient with nothing to contribute here (no pair, for the IBE) is a unit with zero gradient
+    rand = pass_randomness(policy, stage, round)
+    built = _BUILDERS[stage](config, store, rows, weights, policy, rand, cache_dir)
     n = len(set(store.records.patient_id.to_numpy()[rows]))
-    # no local paths in messages: a refusal's reason goes to the server
-    q, sigma = stage_noise(policy, stage, n, where=policy.site or "site",
+    population = policy.declared_population(n, where)
+    # q = batch / the PUBLIC population, the same in every stage (the plan assumes it); a patient with
+    # nothing to contribute here (no pair, for the IBE) is a unit with zero gradient
+    q, sigma = stage_noise(policy, stage, population, where=where,
                            cache=cache_dir / PLAN_CACHE if cache_dir else None)
     steps = steps or policy.stage(stage).local_steps
     settings = config.stage(stage)
     pull = proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
-    with dp_step(built, policy, settings, q * n, sigma, generator) as step_fn:
+    with dp_step(built, policy, settings, q * population, sigma, rand.pass_generator()) as step_fn:
         entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run)
-        started, losses, used_patients, used_records, log = time.perf_counter(), [], set(), 0, []
+        started, losses, used_patients, used_records, skipped, log = time.perf_counter(), [], set(), 0, 0, []
         bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
         built.module.train()
         for step in range(steps):
-            chosen = np.flatnonzero(rng.random(len(built.units)) < q)  # Poisson sampling over patients
-            picks = [_pick(built.units[u], policy.records_per_patient, rng) for u in chosen]
-            loss = step_fn(picks, step)
+            chosen = [u for u in built.units if rand.uniform("sample", step, u[0]) < q]  # Poisson, per patient
+            picks = [(pid, _pick(items, policy.records_per_patient, rand.numpy("records", step, pid)))
+                     for pid, items in chosen]
+            loss, dropped = step_fn(picks, step)
             pull()
-            used_patients.update(chosen.tolist())
-            used_records += sum(len(p) for p in picks)
+            used_patients.update(pid for pid, _ in chosen)
+            used_records += sum(len(p) for _, p in picks)
+            skipped += dropped
             losses.append(loss)
             bar.update(1)
-            line = {"round": round, "step": step + 1, "loss": loss, "patients": len(chosen)}
+            line = {"round": round, "step": step + 1, "loss": loss, "patients": len(chosen), "non_finite": dropped}
             log.append(line)
             if on_step is not None:
                 on_step(step + 1, line)
         bar.close()
     finite = [l for l in losses if l == l]
-    summary = {"stage": stage, "round": round, "steps": steps, "patients": n,
-               "patients_used": len(used_patients), "records_used": used_records,
+    summary = {"stage": stage, "round": round, "steps": steps, "patients": n, "population": population,
+               "patients_used": len(used_patients), "records_used": used_records, "non_finite_patients": skipped,
                "loss": float(np.mean(finite[-max(1, len(finite) // 5):])) if finite else float("nan"),
                "first_loss": finite[0] if finite else float("nan"),
                "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
                "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
-               "grad_sample_mode": resolved_mode(built, policy),
+               "unit": policy.unit, "grad_sample_mode": resolved_mode(built, policy),
                "seconds": float(np.round(time.perf_counter() - started, 2))}
     return PassResult(stage, module_weights(built.module), summary, log, entry)
 
@@ -122,21 +141,22 @@ def _pick(items: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 @contextlib.contextmanager
 def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch: float, sigma: float,
-            generator: torch.Generator) -> Iterator[Callable[[list[np.ndarray], int], float]]:
-    """The DP step in the policy's per-sample gradient mode (it returns the mean patient loss). Opacus'
-    hooks and per-sample gradients are removed from the module when the block ends, however it ends."""
+            generator: torch.Generator) -> Iterator[Callable[[list[Unit], int], tuple[float, int]]]:
+    """The DP step in the policy's per-sample gradient mode; it returns (the mean loss of the patients it
+    used, how many it dropped for a non-finite loss or gradient). Opacus' hooks and per-sample gradients
+    are removed from the module when the block ends, however it ends."""
     module = built.module
     mode = resolved_mode(built, policy)
     base = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     expected = max(1, int(round(expected_batch)))
     opts = dict(noise_multiplier=sigma, max_grad_norm=policy.max_grad_norm, expected_batch_size=expected,
                 loss_reduction="mean", generator=generator)
-    with warnings.catch_warnings():  # Opacus' "secure RNG off" warning: sampling uses numpy's PCG64
+    with warnings.catch_warnings():  # Opacus' "secure RNG off" warning: the key is OS entropy (randomness.py)
         warnings.simplefilter("ignore")
         if mode == "ghost":
             if not built.one_row_per_unit or policy.records_per_patient != 1:
                 raise UserError("grad_sample_mode ghost needs one forward row per patient: use it for the VAE "
-                                 "and twin stages with records_per_patient 1 and noise_draws 1, else hooks")
+                                "and twin stages with records_per_patient 1 and noise_draws 1, else hooks")
             gsm = GradSampleModuleFastGradientClipping(module, batch_first=True, loss_reduction="sum",
                                                        max_grad_norm=policy.max_grad_norm, use_ghost_clipping=True)
             optimizer = DPOptimizerFastGradientClipping(base, **opts)
@@ -146,18 +166,31 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
             optimizer = DPOptimizer(base, **opts)
     params = [p for p in module.parameters() if p.requires_grad]
 
-    def step(picks: list[np.ndarray], index: int) -> float:
-        optimizer.zero_grad(set_to_none=True)
-        if not picks:  # Poisson sampling may draw nobody: the step is noise only, as accounted
-            for p in params:
-                p.grad_sample = torch.zeros((0, *p.shape))
+    def noise_only() -> None:  # nobody sampled (or usable): the step is noise only, as accounted
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape))
             if mode == "ghost":
-                for p in params:
-                    p.grad = torch.zeros_like(p)
-            optimizer.step()
-            return float("nan")
-        losses, row_unit = built.unit_loss(picks, generator, index)
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+
+    def step(picks: list[Unit], index: int) -> tuple[float, int]:
+        optimizer.zero_grad(set_to_none=True)
+        if not picks:
+            noise_only()
+            return float("nan"), 0
         if mode == "ghost":
+            # ghost clipping sums the rows inside the backward, where one non-finite row would poison the sum:
+            # find such patients first (no hooks, no graph), then train on the others only
+            gsm.disable_hooks()
+            with torch.no_grad():
+                probe, _ = built.unit_loss(picks, index)
+            gsm.enable_hooks()
+            keep = [p for p, ok in zip(picks, torch.isfinite(probe).tolist()) if ok]
+            dropped = len(picks) - len(keep)
+            if not keep:
+                noise_only()
+                return float("nan"), dropped
+            losses, _ = built.unit_loss(keep, index)
             losses.sum().backward(retain_graph=True)  # first pass: per-patient norms only
             optimizer.zero_grad()
             coeff = gsm.get_clipping_coef()
@@ -165,12 +198,16 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
             (coeff.detach() * losses).sum().backward()  # second pass: the clipped sum
             gsm.enable_hooks()
         else:
+            losses, row_unit = built.unit_loss(picks, index)
+            finite = torch.isfinite(losses.detach())
             with warnings.catch_warnings():  # "full backward hook firing ... no inputs require gradients"
                 warnings.simplefilter("ignore", UserWarning)
-                losses.sum().backward()
+                torch.where(finite, losses, torch.zeros_like(losses)).sum().backward()
             group_grad_samples(params, row_unit, len(picks))
+            dropped = zero_non_finite(params)  # per-sample gradients are row-local: the others are intact
+            losses = losses[finite]
         optimizer.step()
-        return float(losses.detach().mean())
+        return (float(losses.detach().mean()) if len(losses) else float("nan")), dropped
 
     try:
         yield step
@@ -196,17 +233,31 @@ def group_grad_samples(params: list[torch.nn.Parameter], row_unit: torch.Tensor,
         p.grad_sample = torch.zeros((n_units, *rows.shape[1:]), dtype=rows.dtype).index_add_(0, row_unit, rows)
 
 
-def _units_by_patient(store: SiteStore, rows: np.ndarray) -> list[np.ndarray]:
-    """Local row indices of every training patient's records."""
+def zero_non_finite(params: list[torch.nn.Parameter]) -> int:
+    """Zero every patient's gradient that is not finite in some parameter (0 x inf would make the clipped
+    sum NaN); a zero gradient stays within the clip norm. Returns how many patients were zeroed."""
+    bad = None
+    for p in params:
+        rows = ~torch.isfinite(p.grad_sample.flatten(1)).all(dim=1)
+        bad = rows if bad is None else bad | rows
+    if bad is None or not bad.any():
+        return 0
+    for p in params:
+        p.grad_sample[bad] = 0.0
+    return int(bad.sum())
+
+
+def _units_by_patient(store: SiteStore, rows: np.ndarray) -> list[Unit]:
+    """Every training patient's id and the local row indices of its records."""
     local = {row: i for i, row in enumerate(rows)}
     allowed = set(rows.tolist())
-    units = [np.array([local[r] for r in store.records_of(p) if r in allowed], dtype=int) for p in store.patients]
-    return [u for u in units if len(u)]
+    units = [(p, np.array([local[r] for r in store.records_of(p) if r in allowed], dtype=int)) for p in store.patients]
+    return [u for u in units if len(u[1])]
 
 
-def _flatten(picks: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    index = torch.from_numpy(np.concatenate(picks))
-    unit = torch.repeat_interleave(torch.arange(len(picks)), torch.tensor([len(p) for p in picks]))
+def _flatten(picks: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.from_numpy(np.concatenate([items for _, items in picks]))
+    unit = torch.repeat_interleave(torch.arange(len(picks)), torch.tensor([len(items) for _, items in picks]))
     return index, unit
 
 
@@ -215,22 +266,33 @@ def _per_unit_mean(row_loss: torch.Tensor, unit: torch.Tensor, n_units: int) -> 
     return torch.zeros(n_units).index_add_(0, unit, row_loss) / counts
 
 
+def _rows_from(rand: PatientRandomness, purpose: str, step: int, picks: list[Unit], draw) -> torch.Tensor:
+    """One draw per forward row, each from its own patient's generator: stacked in row order."""
+    out = []
+    for pid, items in picks:
+        g = rand.torch(purpose, step, pid)
+        out += [draw(g) for _ in items]
+    return torch.stack(out)
+
+
 def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-         policy: PrivacyPolicy, rng: np.random.Generator, cache_dir: Path | None) -> PrivateStage:
+         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None) -> PrivateStage:
     vae = module_from("vae", config, weights.get("vae"))
     signals = torch.from_numpy(np.asarray(store.signals[rows]))
     settings = config.vae
+    latent = (config.model.vae.latent_channels, config.data.n_samples // vae.cfg.downsample_factor)
 
-    def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
+    def unit_loss(picks: list[Unit], step: int):
         index, unit = _flatten(picks)
         kl = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
-        return _per_unit_mean(vae_batch_loss(vae, signals[index], kl, generator), unit, len(picks)), unit
+        noise = _rows_from(rand, "vae-noise", step, picks, lambda g: torch.randn(latent, generator=g))
+        return _per_unit_mean(vae_batch_loss(vae, signals[index], kl, noise=noise), unit, len(picks)), unit
 
     return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True)
 
 
 def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-         policy: PrivacyPolicy, rng: np.random.Generator, cache_dir: Path | None) -> PrivateStage:
+         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None) -> PrivateStage:
     (vae,) = frozen_stages("ibe", config, weights)
     conditioner = population_conditioner(config, cache_dir)
     inputs = stage_inputs.ibe_inputs(store, rows, vae, conditioner)
@@ -238,14 +300,15 @@ def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
                                                    cache_dir / "public-negatives" if cache_dir else None)
     m = policy.public_negatives
     ibe = module_from("ibe", config, weights.get("ibe"))
-    units = [np.array(v, dtype=int) for _, v in sorted(inputs.by_patient.items())]
+    units = [(p, np.array(v, dtype=int)) for p, v in sorted(inputs.by_patient.items())]
 
-    def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
+    def unit_loss(picks: list[Unit], step: int):
         # one pair per patient and step (a second pair of the same patient adds no privacy cost but
         # the objective needs no more); each patient gets its own copy of m public negatives
-        pairs = inputs.pairs[[p[0] for p in picks]]
+        pairs = inputs.pairs[[items[0] for _, items in picks]]
         ref, tgt = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
-        neg = torch.randint(0, len(pub_latents), (len(picks) * m,), generator=generator)
+        neg = torch.cat([torch.randint(0, len(pub_latents), (m,), generator=rand.torch("negatives", step, pid))
+                         for pid, _ in picks])
         loss = ibe_private_loss(ibe, (inputs.latents[ref], *inputs.conditions.tokens(ref)),
                                 (inputs.latents[tgt], *inputs.conditions.tokens(tgt)),
                                 (pub_latents[neg], *pub_conditions.tokens(neg)), config.ibe.temperature)
@@ -256,18 +319,25 @@ def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
 
 
 def _twin(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-          policy: PrivacyPolicy, rng: np.random.Generator, cache_dir: Path | None) -> PrivateStage:
+          policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None) -> PrivateStage:
     settings = config.twin
     vae, ibe = frozen_stages("twin", config, weights)
-    data = stage_inputs.twin_inputs(store, rows, vae, ibe, population_conditioner(config, cache_dir), rng)
+    data = stage_inputs.twin_inputs(store, rows, vae, ibe, population_conditioner(config, cache_dir),
+                                    lambda patient: rand.numpy("reference", -1, patient))
     denoiser = module_from("twin", config, weights.get("twin"))
     diffusion = GaussianDiffusion(config.model.diffusion)
+    draws, shape = settings.noise_draws, tuple(data.latents.shape[1:])
 
-    def unit_loss(picks: list[np.ndarray], generator: torch.Generator, step: int):
+    def unit_loss(picks: list[Unit], step: int):
         index, unit = _flatten(picks)
         tokens, mask = data.conditions.tokens(index)
-        row_loss = twin_batch_loss(denoiser, diffusion, data.latents[index], data.base[index], tokens, mask,
-                                   settings.base_dropout, settings.cond_dropout, settings.noise_draws, generator)
+        drops = _rows_from(rand, "dropout", step, picks, lambda g: torch.rand(2, generator=g))
+        t = _rows_from(rand, "timestep", step, picks,
+                       lambda g: torch.randint(0, diffusion.num_steps, (draws,), generator=g)).T
+        noise = _rows_from(rand, "noise", step, picks,
+                           lambda g: torch.randn((draws, *shape), generator=g)).transpose(0, 1)
+        row_loss = twin_loss_at(denoiser, diffusion, data.latents[index], data.base[index], tokens, mask,
+                                drops[:, 0] < settings.base_dropout, drops[:, 1] < settings.cond_dropout, t, noise)
         return _per_unit_mean(row_loss, unit, len(picks)), unit
 
     return PrivateStage(denoiser, _units_by_patient(store, rows), unit_loss,

@@ -55,6 +55,7 @@ def _load(path: Path, dx_names: dict[str, str]) -> list:
             report=". ".join(dx_names.get(c, f"SNOMED {c}") for c in codes),
             labels={c: 100.0 for c in codes},
             site=database_of(path.name),
+            extra={"patient_id_from": "record"},  # read by the DP planner: a patient here is a recording
         )
 
     return try_load(path, build)

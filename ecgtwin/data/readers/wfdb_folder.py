@@ -41,7 +41,8 @@ def _load(path: Path, root: Path, window_s: float) -> list:
             age=parse_age(fields.get("age")),
             sex=parse_sex(fields.get("sex")),
             report=fields.get("reason for admission", fields.get("dx", "")),
-            extra={"recording": stem, **({"window": str(k)} if n_windows > 1 else {})},
+            extra={"recording": stem, **({"window": str(k)} if n_windows > 1 else {}),
+                   **({"patient_id_from": "record"} if path.parent == root else {})},  # flat folder: no patient ids
         )
         for k in range(n_windows)
     ]
