@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -116,8 +117,8 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
             continue
         site_dir = sites_root / site
         site_dir.mkdir(parents=True, exist_ok=True)
-        if not (site_dir / "store").exists():
-            (site_dir / "store").symlink_to(store.resolve())
+        if not (site_dir / "store").exists():  # a copy: each run's ledger marker goes into its own store
+            shutil.copytree(store.resolve(), site_dir / "store")
         save_policy(site_policy(site, scale.rounds, scale.local_steps, scale.batch_patients, scale.budget_fractions,
                                 private=epsilon is not None, epsilon=epsilon, delta=1e-5,
                                 population=len(SiteStore(store).patients)),

@@ -14,17 +14,21 @@ refusal with the reason. `check_reply` is the last gate before anything leaves t
 
 from __future__ import annotations
 
+import hashlib
 import json
+import traceback
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
-from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.checkpoint import Checkpoint, atomic_write
 from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
 from ecgtwin.config import STAGES, ExperimentConfig, config_from_text, to_dict
 from ecgtwin.data.store import SiteStore
 from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, ledger_path, load_policy
+from ecgtwin.privacy.ledger import LedgerDamaged
 from ecgtwin.train.result import PassResult
 from ecgtwin.weights import model_shapes
 from ecgtwin.errors import UserError, MissingInput
@@ -110,7 +114,9 @@ class Site:
         if not self.store_path.is_dir():
             raise MissingInput(f"{self.store_path}: site store does not exist")
         self.state_path = Path(state_path) if state_path else self.policy_path.parent
-        self.ledger = Ledger(self.state_path / "ledger.jsonl" if state_path else ledger_path(self.policy_path))
+        # the store's one ledger (its marker names it), else a new one in the state folder
+        self.ledger = Ledger.for_store(self.store_path, self.state_path / "ledger.jsonl" if state_path
+                                       else ledger_path(self.policy_path))
         self.cache = self.state_path / "cache"  # noise plan, statement embeddings, public negatives
         self.work = self.state_path / "checkpoint"
         self.name = self.policy.site or self.store_path.name
@@ -135,10 +141,18 @@ class Site:
             return None, {}, (f"{self.name}: the site's privacy policy plans no rounds for stage {stage}; "
                               "not training it")
         received = {s: dict(weights[s]) for s in STAGES[: STAGES.index(stage) + 1] if s in weights and len(weights[s])}
+        key = pass_key(run_id, stage, server_round, received, config_yaml, proximal_mu)
+        stored = self._stored(key)
+        if stored is not None:  # a repeated request: the same output again, at no cost (post-processing)
+            return stored
         try:
-            result = self._pass(stage, config, received, server_round, plan.local_steps, run_id, proximal_mu)
+            result = self._pass(stage, config, received, server_round, plan.local_steps, run_id, proximal_mu, key)
         except (BudgetExceeded, PlanError) as exc:
             return None, {}, str(exc)
+        except LedgerDamaged as exc:  # its text names local paths: the server gets the fact only
+            _log_error(self, exc)
+            return None, {}, (f"{self.name}: the privacy ledger is missing, truncated or edited; refusing to "
+                              "train (details in the site's state/errors.log)")
         self._keep(config, received, result)
         if not all(np.isfinite(v).all() for v in result.weights.values()):  # never sent, whatever the cause
             return None, {}, f"{self.name}: the pass produced non-finite weights; nothing was sent"
@@ -150,21 +164,36 @@ class Site:
                        "records": int(result.summary["records_used"]), "loss": float(result.summary["loss"]),
                        "train-seconds": float(result.summary["seconds"])}
         check_reply(stage, config, result.weights, metrics, private=self.policy.private)
+        self._store(key, result.weights, metrics)
         return result.weights, metrics, None
+
+    def _stored(self, key: str) -> tuple[dict[str, np.ndarray], dict, None] | None:
+        folder = self.state_path / "passes" / key
+        if not (folder / "metrics.json").is_file():
+            return None
+        weights = {k: np.asarray(v) for k, v in load_file(str(folder / "weights.safetensors")).items()}
+        return weights, json.loads((folder / "metrics.json").read_text()), None
+
+    def _store(self, key: str, weights: dict[str, np.ndarray], metrics: dict) -> None:
+        """The pass's reply, kept before it is sent (metrics.json last: its presence means complete)."""
+        folder = self.state_path / "passes" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / "weights.safetensors"))
+        atomic_write(folder / "metrics.json", json.dumps(metrics).encode())
 
     def spent(self) -> float | None:
         """Epsilon spent so far by this site (None for a non-private site)."""
         return self.ledger.spent(self.policy) if self.policy.private else None
 
     def _pass(self, stage: str, config: ExperimentConfig, weights: dict, server_round: int, steps: int,
-              run_id: str, proximal_mu: float = 0.0) -> PassResult:
+              run_id: str, proximal_mu: float = 0.0, key: str | None = None) -> PassResult:
         store = SiteStore(self.store_path)
         if self.policy.private:
             from ecgtwin.train.private import private_pass
 
             return private_pass(stage, config, store, weights, self.policy, self.ledger, round=server_round,
                                 steps=steps, run=run_id, proximal_mu=proximal_mu, cache_dir=self.cache,
-                                progress=self.progress)
+                                progress=self.progress, charge_key=key)
         from ecgtwin.train.local import local_pass
 
         return local_pass(stage, config, store, weights, steps, round=server_round, proximal_mu=proximal_mu,
@@ -189,6 +218,18 @@ class Site:
             f.writelines(json.dumps(line) + "\n" for line in result.log)
 
 
+def pass_key(run_id: str, stage: str, server_round: int, received: Mapping[str, Mapping[str, np.ndarray]],
+             config_yaml: str, proximal_mu: float) -> str:
+    """What identifies a pass: the run, stage and round, and everything it starts from (the received weights,
+    the experiment config, the proximal term). The same request gets the same answer."""
+    h = hashlib.sha256(json.dumps([run_id, stage, server_round, config_yaml, proximal_mu]).encode())
+    for s in sorted(received):
+        for name in sorted(received[s]):
+            h.update(f"{s}/{name}".encode())
+            h.update(np.ascontiguousarray(received[s][name]).tobytes())
+    return f"{stage}-r{server_round}-{h.hexdigest()[:24]}"
+
+
 # What the server learns of a failure at the site: a fixed category, never the exception's text (it may
 # hold local paths, patient ids or data-dependent numbers). The full text goes to the site's own log.
 FAILURE_CATEGORIES = (("MissingInput", "a file the site needs is missing"),
@@ -203,9 +244,11 @@ def site_failure(site: "Site", exc: BaseException) -> str:
     is appended to state/errors.log at the site."""
     names = {k.__name__ for k in type(exc).__mro__}
     category = next(text for name, text in FAILURE_CATEGORIES if name in names)
-    site.state_path.mkdir(parents=True, exist_ok=True)
-    import traceback
+    _log_error(site, exc)
+    return f"{site.name}: site error: {category} (details in the site's state/errors.log)"
 
+
+def _log_error(site: "Site", exc: BaseException) -> None:
+    site.state_path.mkdir(parents=True, exist_ok=True)
     with (site.state_path / "errors.log").open("a") as log:
         log.write("".join(traceback.format_exception(exc)) + "\n")
-    return f"{site.name}: site error: {category} (details in the site's state/errors.log)"

@@ -86,10 +86,10 @@ def consortium(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def sites(consortium, tmp_path) -> Path:
-    """A fresh copy of the sites (stores shared by link, policies copied, no ledgers)."""
+    """A fresh copy of the sites (stores and policies copied, no ledgers: a store keeps its ledger's marker)."""
     for site in SITES:
         (tmp_path / "sites" / site).mkdir(parents=True)
-        os.symlink(consortium["sites"] / site / "store", tmp_path / "sites" / site / "store")
+        shutil.copytree(consortium["sites"] / site / "store", tmp_path / "sites" / site / "store")
         shutil.copy(consortium["sites"] / site / "privacy.yaml", tmp_path / "sites" / site / "privacy.yaml")
     return tmp_path / "sites"
 
@@ -536,8 +536,6 @@ def test_a_failure_at_a_site_reaches_the_server_as_a_category_only(consortium, s
     from client.app import make_app
 
     store = sites / "site_a" / "store"
-    os.unlink(store)
-    shutil.copytree(consortium["sites"] / "site_a" / "store", store)
     lines = (store / "records.csv").read_text().splitlines()
     (store / "records.csv").write_text("\n".join(lines[:5]) + "\n")
     config = consortium["config"]
@@ -552,3 +550,100 @@ def test_a_failure_at_a_site_reaches_the_server_as_a_category_only(consortium, s
     assert reason == "site_a: site error: the site's data or settings were refused (details in the site's state/errors.log)"
     assert str(sites) not in reason and not any(ch.isdigit() for ch in reason.replace("site_a", ""))
     assert "records.csv has 4 rows" in (sites / "site_a" / "state" / "errors.log").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------
+# the ledger: one per store, tamper-evident, and rounds that survive a crash without burning budget
+
+
+def charged_site(sites: Path, config) -> Site:
+    site = open_site(sites, "site_a")
+    new, _, refusal = site.train("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
+    assert refusal is None and new is not None
+    return site
+
+
+@pytest.mark.parametrize("damage", ["delete", "empty", "drop_line", "edit_steps"])
+def test_a_deleted_or_edited_ledger_is_refused_not_restarted(consortium, sites, damage):
+    config = consortium["config"]
+    site = charged_site(sites, config)
+    site.train("vae", 1, "run-2", config_text(config), global_weights(config, "vae"))  # two releases
+    path = site.ledger.path
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    if damage == "delete":
+        path.unlink()
+    elif damage == "empty":
+        path.write_text("")
+    elif damage == "drop_line":
+        path.write_text(lines[1] + "\n")
+    else:
+        entry = json.loads(lines[0])
+        entry["steps"] = 0
+        path.write_text(json.dumps(entry) + "\n" + lines[1] + "\n")
+    new, metrics, refusal = open_site(sites, "site_a").train("vae", 1, "run-3", config_text(config),
+                                                             global_weights(config, "vae"))
+    assert new is None and refusal.endswith("the privacy ledger is missing, truncated or edited; refusing to train "
+                                            "(details in the site's state/errors.log)"), refusal
+    assert "refusing to account" in (sites / "site_a" / "state" / "errors.log").read_text()
+
+
+def test_every_command_that_trains_a_store_uses_its_one_ledger(consortium, sites, tmp_path):
+    """After a federation round charged SITE/state/ledger.jsonl, `ecgtwin train --policy SITE/privacy.yaml`
+    (whose default ledger would be SITE/ledger.jsonl) charges the same ledger, and `privacy ledger` reads it."""
+    from ecgtwin.cli import main
+
+    config = consortium["config"]
+    site = charged_site(sites, config)
+    config_path = tmp_path / "tiny.yaml"
+    save_config(config, config_path)
+    assert main(["train", "--config", str(config_path), "--stage", "vae", "--store", str(sites / "site_a" / "store"),
+                 "--out", str(tmp_path / "ckpt"), "--policy", str(sites / "site_a" / "privacy.yaml"),
+                 "--no-progress", "--json"]) == 0
+    assert not (sites / "site_a" / "ledger.jsonl").exists()
+    assert len(site.ledger.entries()) == 2
+    assert main(["privacy", "ledger", "--site", str(sites / "site_a"), "--json"]) == 0
+
+
+CRASHING_PASS = r"""
+import sys
+from pathlib import Path
+import numpy as np
+from ecgtwin.config import config_text, load_config
+from ecgtwin.site import Site
+from ecgtwin.weights import initial_weights
+sites, config_path, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+config = load_config(config_path)
+site = Site(sites / "site_a" / "store", sites / "site_a" / "privacy.yaml", sites / "site_a" / "state")
+new, metrics, refusal = site.train("vae", 1, "run-1", config_text(config), {"vae": initial_weights("vae", config)})
+np.savez(out, **new)
+print("done", refusal)
+"""
+
+
+def test_a_pass_killed_mid_round_is_retried_without_a_second_charge(consortium, sites, tmp_path):
+    """kill -9 of the process training a round (after its charge, before its output): the retry re-uses the
+    charge; a repeated request then gets the very same output, also at no cost."""
+    config = consortium["config"]
+    slow = policy(site="site_a", epsilon=1e4)
+    slow["stages"]["vae"]["local_steps"] = 400  # long enough to be killed in the middle
+    (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(slow))
+    ledger_file = sites / "site_a" / "state" / "ledger.jsonl"
+    child = subprocess.Popen([sys.executable, "-c", CRASHING_PASS, str(sites), str(consortium["config_path"]),
+                              str(tmp_path / "never.npz")], cwd=ROOT, env=env_for_flower(tmp_path / "flwr"))
+    deadline = time.monotonic() + 240
+    while not (ledger_file.is_file() and ledger_file.read_text().strip()) and time.monotonic() < deadline:
+        assert child.poll() is None, "the pass ended (or failed) before its charge"
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the pass now
+    assert child.poll() is None, "the pass ended before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(timeout=30)
+    assert not (tmp_path / "never.npz").exists() and len(ledger_file.read_text().splitlines()) == 1
+    site = open_site(sites, "site_a")
+    first, metrics, refusal = site.train("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
+    assert refusal is None and len(site.ledger.entries()) == 1  # the retry re-used the interrupted charge
+    again, metrics_again, _ = open_site(sites, "site_a").train("vae", 1, "run-1", config_text(config),
+                                                                global_weights(config, "vae"))
+    assert all(np.array_equal(first[k], again[k]) for k in first) and metrics_again == metrics
+    assert len(site.ledger.entries()) == 1

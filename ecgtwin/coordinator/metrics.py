@@ -23,7 +23,9 @@ def round_entry(stage: str, round: int, replies: list[dict], refused: dict[str, 
     mean_loss = sum(l * n for l, n in losses) / (sum(n for _, n in losses) or 1) if losses else None
     return {"time": now(), "stage": stage, "round": round, "strategy": strategy, "seconds": round_(seconds),
             "sites": {r["site"]: {k: v for k, v in r.items() if k != "site"} for r in replies},
-            "refused": refused, "failed": failed, "patients": int(total) if replies else 0, "loss": mean_loss}
+            "refused": refused, "failed": failed, "patients": int(total) if replies else 0, "loss": mean_loss,
+            # a site that reports no epsilon trained without DP: every summary says so
+            "not_private": sorted(r["site"] for r in replies if "epsilon" not in r)}
 
 
 def write_metrics(out: str | Path, history: list[dict]) -> None:

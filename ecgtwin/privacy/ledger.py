@@ -5,9 +5,14 @@ stage and round, how many steps, the Poisson sampling rate over patients, the no
 clip norm, and the epsilon spent so far after it. The epsilon is always recomputed from the whole
 history (composition across rounds and stages), so a restarted process cannot forget spent budget.
 
-A pass is charged BEFORE it trains: if the process dies during the pass, the budget stays spent
-(the noisy updates may already have left the site). A pass that would exceed the budget is refused
-and the ledger is left untouched.
+A pass is charged BEFORE it trains. A pass that would exceed the budget is refused and the ledger is
+left untouched. A pass with a `key` (the site's (run, stage, round, received weights)) is charged once:
+a retry of a pass that died before producing output re-uses its entry (nothing was released).
+
+Tamper evidence: every entry carries the sha256 of the previous line (a hash chain), and a ledger bound
+to a store keeps a marker in the store (STORE/ledger-marker.json: the ledger's path, its number of
+entries and the hash of its last line). A missing, truncated or edited ledger is then refused instead
+of starting the budget again, and every command that trains on that store uses that one ledger.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -45,22 +51,66 @@ def epsilon_of(history: list[Mechanism], delta: float, accountant: str = "prv") 
         return float(acc.get_epsilon(delta=delta))
 
 
+MARKER = "ledger-marker.json"
+
+
+class LedgerDamaged(UserError):
+    """The ledger does not match its chain or its store's marker: spent budget cannot be known."""
+
+
+def _digest(line: str) -> str:
+    return hashlib.sha256(line.encode()).hexdigest()
+
+
 class Ledger:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, store: str | Path | None = None) -> None:
         self.path = Path(path)
+        self.store = Path(store) if store is not None else None
+
+    @classmethod
+    def for_store(cls, store: str | Path, default: str | Path) -> "Ledger":
+        """The one ledger of `store`: the one its marker names, else a new one at `default`."""
+        marker = Path(store) / MARKER
+        if marker.is_file():
+            return cls(json.loads(marker.read_text())["ledger"], store)
+        return cls(default, store)
 
     def entries(self) -> list[dict]:
+        lines = self._lines()
+        out, digests = [], []
+        previous = ""
+        for n, line in enumerate(lines, 1):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:  # never guess about spent budget
+                raise LedgerDamaged(f"{self.path}: line {n} is not valid JSON ({exc.msg}); "
+                                    "the ledger is damaged, refusing to account") from exc
+            if "prev" in entry and entry["prev"] != previous:
+                raise LedgerDamaged(f"{self.path}: line {n} does not follow line {n - 1} (hash chain broken): the "
+                                    "ledger was edited or lines were removed; refusing to account")
+            previous = _digest(line)
+            digests.append(previous)
+            out.append({k: v for k, v in entry.items() if k != "prev"})
+        self._check_marker(digests)
+        return out
+
+    def _lines(self) -> list[str]:
         if not self.path.is_file():
             return []
-        out = []
-        for n, line in enumerate(self.path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:  # never guess about spent budget
-                    raise UserError(f"{self.path}: line {n} is not valid JSON ({exc.msg}); "
-                                     "the ledger is damaged, refusing to account") from exc
-        return out
+        return [line for line in self.path.read_text().splitlines() if line.strip()]
+
+    def _check_marker(self, digests: list[str]) -> None:
+        if self.store is None or not (self.store / MARKER).is_file():
+            return
+        marker = json.loads((self.store / MARKER).read_text())
+        if Path(marker["ledger"]) != self.path.resolve():
+            raise LedgerDamaged(f"{self.store}: this store's budget is accounted in {marker['ledger']}, not "
+                                f"{self.path}; use that ledger")
+        m = marker["entries"]
+        if len(digests) < m or digests[m - 1] != marker["head"]:
+            raise LedgerDamaged(f"{self.path}: the store's marker records {m} releases, the ledger has "
+                                f"{len(digests)}{'' if len(digests) < m else ' with a different entry there'}: "
+                                "it was deleted, truncated or edited; refusing to account")
 
     def history(self) -> list[Mechanism]:
         return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()]
@@ -69,13 +119,20 @@ class Ledger:
         return epsilon_of(self.history(), policy.delta, policy.accountant)
 
     def charge(self, policy: PrivacyPolicy, stage: str, round: int, steps: int, sample_rate: float,
-               noise_multiplier: float, patients: int, run: str = "") -> dict:
-        """Record a pass before it runs; raise BudgetExceeded (ledger unchanged) if it would not fit."""
+               noise_multiplier: float, patients: int, run: str = "", key: str | None = None) -> dict:
+        """Record a pass before it runs; raise BudgetExceeded (ledger unchanged) if it would not fit. With
+        `key`, an entry already charged under that key (same steps and noise) is returned instead: the
+        caller re-runs a pass that died before releasing anything."""
         with self._locked():  # two processes of one site must not both spend the last of the budget
-            return self._charge(policy, stage, round, steps, sample_rate, noise_multiplier, patients, run)
+            if key is not None:
+                for entry in self.entries():
+                    if entry.get("key") == key and (entry["steps"], entry["sample_rate"], entry["noise_multiplier"]) \
+                            == (steps, sample_rate, noise_multiplier):
+                        return entry
+            return self._charge(policy, stage, round, steps, sample_rate, noise_multiplier, patients, run, key)
 
     def _charge(self, policy: PrivacyPolicy, stage: str, round: int, steps: int, sample_rate: float,
-                noise_multiplier: float, patients: int, run: str) -> dict:
+                noise_multiplier: float, patients: int, run: str, key: str | None) -> dict:
         history = self.history()
         before = epsilon_of(history, policy.delta, policy.accountant)
         after = epsilon_of(history + [(noise_multiplier, sample_rate, steps)], policy.delta, policy.accountant)
@@ -90,7 +147,7 @@ class Ledger:
                  "noise_multiplier": noise_multiplier, "max_grad_norm": policy.max_grad_norm,
                  "records_per_patient": policy.records_per_patient, "patients": patients, "unit": policy.unit,
                  "population": policy.population,
-                 "epsilon": after, "delta": policy.delta, "accountant": policy.accountant}
+                 "epsilon": after, "delta": policy.delta, "accountant": policy.accountant, "key": key}
         self._append(entry)
         return entry
 
@@ -105,8 +162,16 @@ class Ledger:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _append(self, entry: dict) -> None:
+        """Append one chained line, fsynced, then move the store's marker to it."""
+        lines = self._lines()
+        line = json.dumps({**entry, "prev": _digest(lines[-1]) if lines else ""})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.store is not None:
+            marker = {"ledger": str(self.path.resolve()), "entries": len(lines) + 1, "head": _digest(line)}
+            tmp = self.store / f".{MARKER}.tmp"
+            tmp.write_text(json.dumps(marker))
+            os.replace(tmp, self.store / MARKER)

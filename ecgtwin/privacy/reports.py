@@ -9,7 +9,7 @@ from pathlib import Path
 from ecgtwin.config import ExperimentConfig
 from ecgtwin.plot import new_figure
 from ecgtwin.data.store import SiteStore
-from ecgtwin.privacy.ledger import Ledger
+from ecgtwin.privacy.ledger import MARKER, Ledger
 from ecgtwin.privacy.plan import plan_budget
 from ecgtwin.privacy.policy import STAGE_ORDER, load_policy
 from ecgtwin.data.split import training_rows
@@ -47,11 +47,16 @@ def plan_report(policy_path: str | Path, store_path: str | Path, config: Experim
 def ledger_report(site: str | Path, figure: Path | None = None) -> dict:
     """The ledger of site folder `site` (ledger.jsonl beside privacy.yaml) and its plot."""
     site = Path(site)
-    path = site / "ledger.jsonl" if site.is_dir() else site
+    store = site / "store"
+    if (store / MARKER).is_file():  # the one ledger of the site's store, whichever command trained
+        ledger = Ledger.for_store(store, site / "ledger.jsonl")
+    else:
+        ledger = Ledger(site / "ledger.jsonl" if site.is_dir() else site)
+    path = ledger.path
     if not path.is_file():
         raise MissingInput(f"{path}: no privacy ledger (nothing trained at this site yet?)")
-    entries = Ledger(path).entries()
-    policy_file = path.parent / "privacy.yaml"
+    entries = ledger.entries()
+    policy_file = site / "privacy.yaml" if (site / "privacy.yaml").is_file() else path.parent / "privacy.yaml"
     budget = load_policy(policy_file).epsilon if policy_file.is_file() else None
     figure = figure or path.with_name("ledger.png")
     plot_ledger(entries, figure, budget)

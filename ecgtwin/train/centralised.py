@@ -129,7 +129,7 @@ def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | 
     check_or_save_config(checkpoint, config)
     if not (checkpoint.path / NORMALIZER_FILE).is_file():  # fixed population statistics (see local.py)
         checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
-    ledger, cache = Ledger(ledger_path(policy_path)), Path(policy_path).parent / "cache"
+    ledger, cache = Ledger.for_store(store.path, ledger_path(policy_path)), Path(policy_path).parent / "cache"
     weights = {s: checkpoint.load_arrays(s) for s in STAGES[: STAGES.index(stage) + 1] if checkpoint.has(s)}
     summaries = []
     for rnd in range(1, plan.rounds + 1):

@@ -76,14 +76,15 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                  policy: PrivacyPolicy, ledger: Ledger, round: int = 1, steps: int | None = None,
                  run: str = "", patients: list[str] | None = None, proximal_mu: float = 0.0,
                  cache_dir: Path | None = None, progress: bool = False,
-                 on_step: Callable[[int, dict], None] | None = None) -> PassResult:
+                 on_step: Callable[[int, dict], None] | None = None, charge_key: str | None = None) -> PassResult:
     """`steps` DP-SGD steps of `stage` (default: the policy's local_steps) from `weights[stage]` (fresh
     weights if absent), the earlier stages frozen at `weights[...]`. `patients` restricts training to
     those patients (the membership audit); by default the store's training patients.
 
     The pass is charged to `ledger` after everything that can fail without training and before the first
-    noisy step; the result carries that ledger entry. `cache_dir` (site-side) keeps the noise plan, the
-    statement embeddings and the public negatives between passes."""
+    noisy step; the result carries that ledger entry. With `charge_key`, a charge already made under that
+    key (a pass that died before producing output) is re-used. `cache_dir` (site-side) keeps the noise plan,
+    the statement embeddings and the public negatives between passes."""
     check_store(store, config)
     where = policy.site or "site"  # no local paths in messages: a refusal's reason goes to the server
     if store.patient_ids_are_records and policy.unit != "record":
@@ -103,7 +104,7 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
     settings = config.stage(stage)
     pull = proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
     with dp_step(built, policy, settings, q * population, sigma, rand.pass_generator()) as step_fn:
-        entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run)
+        entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run, key=charge_key)
         started, losses, used_patients, used_records, skipped, log = time.perf_counter(), [], set(), 0, 0, []
         bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
         built.module.train()
