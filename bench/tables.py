@@ -282,6 +282,18 @@ def bench_federation(d: dict) -> str:
 
 # the regions: name -> (doc, JSON file under the data folder without .json, rendering) ----------------------
 
+# docs/privacy.md ----------------------------------------------------------------------------------------
+
+def privacy_canary(d: dict) -> str:
+    """The canary audit's runs: `ecgtwin privacy audit --method canary --json` as committed."""
+    rows = []
+    for name, label in (("non_private", "without noise"), ("dp", "DP-SGD")):
+        run = d["runs"][name]
+        claimed = "none (no DP)" if run["epsilon_claimed"] is None else f(run["epsilon_claimed"], 2)
+        rows.append([label, claimed, f"{run['correct']} / {run['guesses']}", f(run["epsilon_lower_bound"], 2)])
+    return table(["run", "epsilon claimed", "guesses right", f"epsilon lower bound ({d['confidence']:.0%})"], rows)
+
+
 REGIONS = {
     "results-main": ("results.md", "results", results_main),
     "results-intervals": ("results.md", "results", results_intervals),
@@ -299,6 +311,7 @@ REGIONS = {
     "bench-privacy-ibe": ("benchmarks.md", "benchmarks/privacy_quality", bench_privacy_ibe),
     "bench-privacy-twin": ("benchmarks.md", "benchmarks/privacy_quality", bench_privacy_twin),
     "bench-federation": ("benchmarks.md", "benchmarks/federation", bench_federation),
+    "privacy-canary": ("privacy.md", "audits/canary", privacy_canary),
 }
 
 
@@ -314,7 +327,7 @@ def render(data: Path = DATA) -> dict[str, str]:
 
 
 def update(docs: Path = DOCS, data: Path = DATA, write: bool = True) -> tuple[list[str], list[str]]:
-    """Rewrite the stale regions of results.md and benchmarks.md under `docs` (unless write is False).
+    """Rewrite the stale regions of results.md, benchmarks.md and privacy.md under `docs` (unless write is False).
     Returns one line per stale region, and one per region that is missing or unknown."""
     rendered, stale, errors = render(data), [], []
     for doc in sorted({doc for doc, _, _ in REGIONS.values()}):
@@ -372,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="report stale regions (exit 1) and write nothing")
     parser.add_argument("--data", type=Path, default=DATA, help="folder of the JSON (default bench/data)")
-    parser.add_argument("--docs", type=Path, default=DOCS, help="folder of results.md and benchmarks.md")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="folder of results.md, benchmarks.md and privacy.md")
     args = parser.parse_args(argv)
     stale, errors = update(args.docs, args.data, write=not args.check)
     for line in errors:

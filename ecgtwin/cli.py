@@ -301,15 +301,22 @@ def _add_privacy(sub: argparse._SubParsersAction) -> None:
     ledger.add_argument("--figure", type=Path, help="where to write the plot (default DIR/ledger.png)")
     _common(ledger)
     ledger.set_defaults(run=_run_privacy_ledger)
-    audit = cmds.add_parser("audit", help="membership-inference audit: non-private vs DP training",
-                            description="Train a VAE on half of the store's patients without DP (overfit) and with "
-                            "DP-SGD at --epsilon; attack both (loss and calibrated loss); report ROC AUC and TPR "
-                            "at low FPR. The results are for the privacy officer, not for release.")
+    audit = cmds.add_parser("audit", help="privacy audit: an empirical epsilon lower bound (canary) or a "
+                            "membership-inference attack (loss)",
+                            description="--method canary (default): put M crafted canary patients into the site's "
+                            "training set, each with probability 1/2, train all three stages through the site with "
+                            "DP-SGD at --epsilon and again without noise, and turn the guesses of which canaries "
+                            "were in into an empirical epsilon lower bound at 95 %% confidence. --method loss: train "
+                            "a VAE on half of the store's patients without DP (overfit) and with DP-SGD; attack both "
+                            "(loss and calibrated loss); report ROC AUC and TPR at low FPR. The results are for the "
+                            "privacy officer, not for release.")
+    audit.add_argument("--method", choices=["canary", "loss"], default="canary", help="audit method (default canary)")
+    audit.add_argument("--canaries", type=int, default=64, help="canary patients (canary method; default 64)")
     audit.add_argument("--store", required=True, type=Path, help="the site store to audit on")
     audit.add_argument("--out", required=True, type=Path, help="folder for the audit's models, report and ROC plot")
     audit.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="experiment YAML (VAE size)")
     audit.add_argument("--epsilon", type=float, default=8.0, help="epsilon of the DP model (default 8)")
-    audit.add_argument("--steps", type=int, default=300, help="DP-SGD steps (default 300)")
+    audit.add_argument("--steps", type=int, default=300, help="VAE steps of each run (default 300)")
     audit.add_argument("--overfit-steps", type=int, default=600, help="non-private steps (default 600)")
     audit.add_argument("--seed", type=int, default=0, help="member split and training seed")
     _common(audit)
@@ -349,8 +356,19 @@ def _run_privacy_audit(args: argparse.Namespace) -> dict:
     from ecgtwin.config import load_config
     from ecgtwin.audit import membership_audit
 
-    report = membership_audit(args.store, load_config(args.config), args.out, epsilon=args.epsilon, steps=args.steps,
-                              overfit_steps=args.overfit_steps, seed=args.seed, progress=not args.no_progress)
+    if args.method == "canary":
+        from ecgtwin.canary import canary_audit
+
+        report = canary_audit(args.store, load_config(args.config), args.out, epsilon=args.epsilon,
+                              canaries=args.canaries, steps=(args.steps, 5, 5), seed=args.seed)
+        if not args.json:
+            for name, run in report["runs"].items():
+                print(f"{name}: epsilon claimed {run['epsilon_claimed']:.3g}, lower bound {run['epsilon_lower_bound']:.3f} "
+                      f"({run['correct']}/{run['guesses']} guesses right, confidence {report['confidence']:g})")
+    else:
+        report = membership_audit(args.store, load_config(args.config), args.out, epsilon=args.epsilon,
+                                  steps=args.steps, overfit_steps=args.overfit_steps, seed=args.seed,
+                                  progress=not args.no_progress)
     (args.out / "audit.json").write_text(json_.dumps(report, indent=2))
     return report
 

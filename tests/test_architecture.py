@@ -20,6 +20,7 @@ LAYERS = [
     ("one local pass; inference", ["ecgtwin.train", "ecgtwin.twin"]),
     ("evaluation", ["ecgtwin.evaluate"]),
     ("site and coordinator", ["ecgtwin.site", "ecgtwin.audit", "ecgtwin.export", "ecgtwin.coordinator"]),
+    ("audits over a site", ["ecgtwin.canary"]),
     ("applications", ["ecgtwin.demo", "ecgtwin.cli"]),
 ]
 FORBIDDEN = [  # (importer prefix, imported prefix): same or lower layer, but still not allowed

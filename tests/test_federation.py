@@ -228,7 +228,11 @@ def test_client_messages_carry_only_weights_and_allowlisted_metrics(consortium, 
     # a refusal carries no arrays at all, only the flag and the reason
     spent = Ledger(sites / "site_a" / "state" / "ledger.jsonl").entries()[-1]["epsilon"]
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(policy(site="site_a", epsilon=spent * 1.001)))
-    reply = app(message, context)
+    again = app(message, context)  # the same request again: the stored output, at no cost
+    assert again.content["metrics"]["epsilon"] == reply.content["metrics"]["epsilon"]
+    assert Ledger(sites / "site_a" / "state" / "ledger.jsonl").entries()[-1]["epsilon"] == spent
+    content["config"] = ConfigRecord({"stage": "twin", "round": 2, "run-id": "t", "config-yaml": config_text(config)})
+    reply = app(Message(content, dst_node_id=7, message_type="train"), context)  # a new round: refused
     assert len(reply.content.array_records) == 0
     assert reply.content["metrics"]["refused"] == 1 and "budget" in reply.content["info"]["reason"]
     inspect_reply(reply.content, config, "twin", patients)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 import warnings
 from pathlib import Path
@@ -544,3 +545,42 @@ def test_a_store_without_patient_ids_needs_unit_record(challenge_root, tmp_path)
 
 def test_a_store_with_patient_ids_is_patient_level(store):
     assert not SiteStore(store).patient_ids_are_records
+
+# -- the canary audit: an empirical lower bound on epsilon ---------------------------------------------
+
+def test_canary_lower_bound_is_exact_on_known_counts():
+    """Against the binomial tail directly: 32 of 32 right at 95 % means p^32 = 0.05 at the bound."""
+    from scipy.stats import binom
+
+    from ecgtwin.canary import epsilon_lower_bound
+
+    eps = epsilon_lower_bound(32, 32, 0.95)
+    assert (1 / (1 + np.exp(-eps))) ** 32 == pytest.approx(0.05, rel=1e-3)
+    eps = epsilon_lower_bound(27, 32, 0.95)
+    assert binom.sf(26, 32, 1 / (1 + np.exp(-eps))) == pytest.approx(0.05, rel=1e-3)
+    assert epsilon_lower_bound(16, 32) == 0.0 and epsilon_lower_bound(20, 32) == 0.0  # chance-level guessing
+
+
+def test_canary_audit_bounds_the_noiseless_run_above_the_dp_run(tmp_path, capsys):
+    """The CLI on a small site: without noise the canaries give themselves away (a positive lower bound);
+    under DP-SGD at epsilon 8 the bound stays below the claim (and here at chance)."""
+    synthesize_consortium(tmp_path / "raw", sites=1, patients_per_site=32, records_per_patient=2, seed=5,
+                          fs=250.0, progress=False)
+    prepare_store("synthetic", tmp_path / "raw", tmp_path / "store", on_reject=lambda r: None, progress=False)
+    config = load_config(CONFIG)
+    config.model.vae.base_channels = 8
+    from ecgtwin.config import save_config
+    save_config(config, tmp_path / "small.yaml")
+    assert main(["privacy", "audit", "--method", "canary", "--store", str(tmp_path / "store"), "--out",
+                 str(tmp_path / "audit"), "--config", str(tmp_path / "small.yaml"), "--canaries", "64",
+                 "--steps", "500", "--epsilon", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    dp, plain = report["runs"]["dp"], report["runs"]["non_private"]
+    for key in ("epsilon_claimed", "epsilon_lower_bound", "confidence"):
+        assert key in report
+    print(f"canary audit: non-private {plain['correct']}/{plain['guesses']} -> {plain['epsilon_lower_bound']:.2f}; "
+          f"DP {dp['correct']}/{dp['guesses']} -> {dp['epsilon_lower_bound']:.2f} (claimed {dp['epsilon_claimed']:.2f})")
+    assert plain["epsilon_lower_bound"] > 1.0
+    assert dp["epsilon_lower_bound"] < dp["epsilon_claimed"] <= 8.0
+    assert plain["epsilon_lower_bound"] > dp["epsilon_lower_bound"]
+    assert json.loads((tmp_path / "audit" / "audit.json").read_text())["method"] == "canary"

@@ -28,7 +28,7 @@ def copies(tmp_path: Path) -> tuple[Path, Path]:
     data, docs = tmp_path / "data", tmp_path / "docs"
     shutil.copytree(tables.DATA, data)
     docs.mkdir()
-    for name in ("results.md", "benchmarks.md"):
+    for name in ("results.md", "benchmarks.md", "privacy.md"):
         shutil.copy(tables.DOCS / name, docs / name)
     return data, docs
 
