@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in (_add_synth, _add_prepare, _add_train, _add_generate, _add_cohort, _add_demo, _add_privacy,
-                     _add_federate, _add_evaluate, _add_export):
+                     _add_federate, _add_evaluate, _add_export, _add_pretrain):
         register(sub)
     return parser
 
@@ -133,6 +133,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, type=Path, help="site store from `ecgtwin prepare`")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder (shared by the three stages)")
     p.add_argument("--steps", type=int, help="override the stage's number of optimiser steps")
+    p.add_argument("--foundation", type=Path, help="start from this `ecgtwin pretrain` folder's weights (earlier "
+                   "stages the checkpoint lacks are taken from it, frozen)")
     p.add_argument("--policy", type=Path, help="train with patient-level DP-SGD under this site privacy policy: the "
                    "policy's rounds x local steps of the stage, each round charged to the ledger beside it")
     _common(p)
@@ -150,14 +152,15 @@ def _run_train(args: argparse.Namespace) -> dict:
         getattr(config, args.stage).steps = args.steps
     if args.policy is not None:
         return _train_private(args, config)
-    return train_stage(args.stage, config, args.store, args.out, progress=not args.no_progress)
+    return train_stage(args.stage, config, args.store, args.out, progress=not args.no_progress,
+                       foundation=args.foundation)
 
 
 def _train_private(args: argparse.Namespace, config) -> dict:
     from ecgtwin.train.centralised import train_stage_private
 
     return train_stage_private(args.stage, config, args.store, args.out, args.policy, steps=args.steps,
-                               progress=not args.no_progress)
+                               progress=not args.no_progress, foundation=args.foundation)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -387,6 +390,8 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (resumes from its checkpoint)")
     p.add_argument("--rounds", default="vae=1,ibe=1,twin=1", help="rounds per stage (default vae=1,ibe=1,twin=1)")
     p.add_argument("--strategy", default="fedavg", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg")
+    p.add_argument("--foundation", type=Path, help="an `ecgtwin pretrain` folder: stages start from its weights; "
+                   "a stage with 0 rounds is used from it frozen (not trained, not charged)")
     p.add_argument("--min-nodes", type=int, default=2, help="fewest sites that must return weights per round")
     p.add_argument("--run-name", default="ecgtwin", help="name written into the sites' ledgers")
     p.add_argument("--timeout", type=float, help="stop the simulation after this many seconds")
@@ -410,7 +415,8 @@ def _run_federate(args: argparse.Namespace) -> dict:
     out = args.out.resolve()
     run_config = {"config": str(args.config.resolve()), "out": str(out), "sites-root": str(args.sites_root.resolve()),
                   "strategy": args.strategy, "min-nodes": args.min_nodes, "run-name": args.run_name,
-                  "rounds-vae": 0, "rounds-ibe": 0, "rounds-twin": 0, **rounds}
+                  "rounds-vae": 0, "rounds-ibe": 0, "rounds-twin": 0, **rounds,
+                  "foundation": str(args.foundation.resolve()) if args.foundation else ""}
     status = simulate(run_config, out / "simulation.log", progress=not args.no_progress, timeout=args.timeout)
     if status.get("status") != "finished":
         raise UserError(f"federation failed: {status.get('message')} (log: {out / 'simulation.log'})")
@@ -419,6 +425,36 @@ def _run_federate(args: argparse.Namespace) -> dict:
     return {"status": status["status"], "model": str(out / "model"), "rounds": len(lines),
             "epsilon": {site: m.get("epsilon", "not private") for site, m in last["sites"].items()},
             "metrics": str(out / "metrics.jsonl"), "plot": str(out / "metrics.png")}
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train a public foundation model (all three stages, non-private) on public ECGs",
+        description="Non-private training of the VAE, the IBE and the twin model on public data, written as a "
+        "checkpoint folder (what generate, train --foundation and federate --foundation read) with a model card "
+        "(card.json, card.md: source, records, patients, steps and losses per stage, config, sha256 of each "
+        "weight file, the command). --source synthetic needs no root: the simulator's public population, whose "
+        "seed no site uses.",
+    )
+    p.add_argument("--config", required=True, type=Path, help="experiment YAML (sizes and steps per stage)")
+    p.add_argument("--source", required=True, choices=["synthetic", "ptbxl", "challenge", "mimic-iv-ecg", "wfdb"])
+    p.add_argument("--root", type=Path, help="the public corpus' folder (not for synthetic)")
+    p.add_argument("--out", required=True, type=Path, help="the foundation folder")
+    p.add_argument("--patients", type=int, default=200, help="synthetic: patients of the public population")
+    p.add_argument("--records-per-patient", type=int, default=3, help="synthetic: ECGs per patient")
+    p.add_argument("--rate", type=int, choices=[100, 500], help="ptbxl: which copy of the records to read")
+    _common(p)
+    p.set_defaults(run=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> dict:
+    from ecgtwin.config import load_config
+    from ecgtwin.foundation import pretrain
+
+    return pretrain(load_config(args.config), args.source, args.out, root=args.root, patients=args.patients,
+                    records_per_patient=args.records_per_patient, rate=args.rate,
+                    command=["ecgtwin", *sys.argv[1:]] if sys.argv[1:] else None, progress=not args.no_progress)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg
 
 from ecgtwin.config import STAGES
+from ecgtwin.checkpoint import Checkpoint
 from ecgtwin.config import config_text
 from ecgtwin.coordinator.metrics import round_entry, write_metrics
 from ecgtwin.coordinator.model import save_global_model
@@ -66,6 +67,8 @@ def _run(grid: Grid, settings: FederationSettings, out: Path) -> Path:
         log(INFO, "ecgtwin: resuming %s from its checkpoint: rounds done %s", out, state.completed)
     for stage in STAGES:
         rounds = settings.rounds(stage)
+        if stage not in state.weights and settings.foundation:  # public weights: the start, or frozen as they are
+            state.weights[stage] = Checkpoint(settings.foundation).load_arrays(stage)
         if rounds == 0:
             continue
         if stage not in state.weights:

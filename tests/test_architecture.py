@@ -19,7 +19,8 @@ LAYERS = [
     ("accounting", ["ecgtwin.privacy"]),
     ("one local pass; inference", ["ecgtwin.train", "ecgtwin.twin"]),
     ("evaluation", ["ecgtwin.evaluate"]),
-    ("site and coordinator", ["ecgtwin.site", "ecgtwin.audit", "ecgtwin.export", "ecgtwin.coordinator"]),
+    ("site and coordinator", ["ecgtwin.site", "ecgtwin.audit", "ecgtwin.export", "ecgtwin.foundation",
+                              "ecgtwin.coordinator"]),
     ("audits over a site", ["ecgtwin.canary"]),
     ("applications", ["ecgtwin.demo", "ecgtwin.cli"]),
 ]

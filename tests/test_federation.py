@@ -651,3 +651,71 @@ def test_a_pass_killed_mid_round_is_retried_without_a_second_charge(consortium, 
                                                                 global_weights(config, "vae"))
     assert all(np.array_equal(first[k], again[k]) for k in first) and metrics_again == metrics
     assert len(site.ledger.entries()) == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# a public foundation: pretrained once, frozen where the run says so
+
+
+@pytest.fixture(scope="module")
+def foundation(consortium, tmp_path_factory) -> Path:
+    """A foundation of the tiny config, pretrained on the simulator's public population."""
+    from ecgtwin.foundation import pretrain
+
+    config = copy.deepcopy(consortium["config"])
+    config.vae.steps, config.ibe.steps, config.twin.steps = 40, 20, 40
+    out = tmp_path_factory.mktemp("foundation") / "f"
+    pretrain(config, "synthetic", out, patients=12, records_per_patient=2)
+    return out
+
+
+def test_pretrain_lowers_every_loss_and_its_card_matches_the_weights(foundation):
+    import hashlib
+
+    card = json.loads((foundation / "card.json").read_text())
+    assert card["source"] == "synthetic" and card["patients"] == 12 and card["records"] == 24
+    for stage in STAGES:
+        losses = card["stages"][stage]
+        assert losses["final_loss"] < losses["first_loss"], (stage, losses)
+        digest = hashlib.sha256((foundation / f"{stage}.safetensors").read_bytes()).hexdigest()
+        assert card["sha256"][f"{stage}.safetensors"] == digest
+    assert "Foundation model card" in (foundation / "card.md").read_text()
+    from ecgtwin.foundation import FOUNDATION_SEED
+    assert card["seed"] == FOUNDATION_SEED not in (0, 1, 3, 5, 7, 11, 101)  # no site of the project uses it
+    generator_works(foundation)
+
+
+def test_a_frozen_foundation_stage_is_sent_never_trained_and_costs_nothing(consortium, sites, tmp_path, foundation,
+                                                                           flower_identity):
+    """Rounds vae=0, ibe=0, twin=1 from a foundation: the VAE and IBE reach the sites and the global model
+    bit-identical, no reply carries them, and the sites' ledgers charge the twin stage only."""
+    from safetensors.numpy import load_file
+    from server.loop import run_federation
+
+    grid = LocalGrid(sites)
+    run_federation(grid, run_config(consortium, tmp_path / "out", **{"rounds-vae": 0, "rounds-ibe": 0,
+                                                                      "foundation": str(foundation)}))
+    for stage in ("vae", "ibe"):
+        frozen, final = load_file(str(foundation / f"{stage}.safetensors")), load_file(
+            str(tmp_path / "out" / "model" / f"{stage}.safetensors"))
+        assert all(np.array_equal(frozen[k], final[k]) for k in frozen)
+    twin_names = set(model_shapes("twin", consortium["config"]))
+    assert grid.replies and all(set(arrays) == twin_names for arrays, _ in grid.replies)
+    for site in SITES:
+        assert ledger_rounds(sites, site) == [("twin", 1)]
+
+
+def test_train_from_a_foundation_starts_from_its_weights(consortium, sites, tmp_path, foundation):
+    from safetensors.numpy import load_file
+
+    from ecgtwin.train.centralised import train_stage
+
+    config = copy.deepcopy(consortium["config"])
+    config.twin.steps, config.twin.lr = 1, 1e-12  # one step that cannot move the weights measurably
+    train_stage("twin", config, sites / "site_a" / "store", tmp_path / "ckpt", progress=False, foundation=foundation)
+    for stage in STAGES:
+        start, got = load_file(str(foundation / f"{stage}.safetensors")), load_file(str(tmp_path / "ckpt" /
+                                                                                        f"{stage}.safetensors"))
+        for k in start:
+            np.testing.assert_allclose(got[k], start[k], atol=1e-8, err_msg=f"{stage}/{k}")
+    assert (tmp_path / "ckpt" / "conditioning.json").read_text() == (foundation / "conditioning.json").read_text()

@@ -31,6 +31,7 @@ class FederationSettings:
     server_lr: float = 0.01  # FedAdam's eta
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each tail
     sites_root: str = ""  # simulation only: <sites-root>/<site>/{store,privacy.yaml,state}
+    foundation: str = ""  # an `ecgtwin pretrain` folder: stages start from its weights (rounds 0: used frozen)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], base: Path | None = None) -> "FederationSettings":

@@ -28,12 +28,16 @@ from ecgtwin.weights import module_weights
 
 
 def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
-                progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Train `stage` (vae | ibe | twin) into checkpoint folder `out`, resuming if it was interrupted."""
+                progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
+                foundation: str | Path | None = None) -> dict:
+    """Train `stage` (vae | ibe | twin) into checkpoint folder `out`, resuming if it was interrupted. With
+    `foundation` (an `ecgtwin pretrain` folder), the stage starts from its weights and earlier stages the
+    checkpoint lacks are taken from it as they are (frozen)."""
     store = SiteStore(store_path)
     check_store(store, config)
     checkpoint = Checkpoint(out)
     check_or_save_config(checkpoint, config)
+    start_from = _adopt_foundation(checkpoint, stage, foundation)
     settings = config.stage(stage)
     rows = pass_rows(store, config)
     if len(rows) == 0:
@@ -41,8 +45,10 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
     checkpoint.require(*STAGES[: STAGES.index(stage)])
     weights = {s: checkpoint.load_arrays(s) for s in STAGES[: STAGES.index(stage) + 1] if checkpoint.has(s)}
     state = checkpoint.load_state(stage)
-    if state is None:
-        weights.pop(stage, None)  # a stage trained from scratch starts from its seeded initial weights
+    if state is None:  # a fresh stage: the foundation's weights, else its seeded initial weights
+        weights.pop(stage, None)
+        if start_from is not None:
+            weights[stage] = start_from
     rng, generator, start = np.random.default_rng(settings.seed), torch.Generator().manual_seed(settings.seed), 0
     ref_rng = np.random.default_rng(settings.seed)  # which other ECG of a patient is its reference (twin)
     built = build_stage(stage, config, store, rows, weights, _conditioner(config, checkpoint, store, rows), ref_rng)
@@ -84,6 +90,22 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
             "loss_curve": str(checkpoint.path / f"{stage}_loss.png")}
 
 
+def _adopt_foundation(checkpoint: Checkpoint, stage: str, foundation: str | Path | None) -> dict | None:
+    """Copy what the checkpoint lacks from the foundation (earlier stages, its normaliser); return the
+    foundation's weights of `stage`."""
+    if foundation is None:
+        return None
+    source = Checkpoint(foundation)
+    if to_dict(source.config().model) != to_dict(checkpoint.config().model):
+        raise ConfigError(f"{source.path}: the foundation has another model configuration than the experiment")
+    for earlier in STAGES[: STAGES.index(stage)]:
+        if not checkpoint.has(earlier):
+            checkpoint.save_arrays(earlier, source.load_arrays(earlier))
+    if not (checkpoint.path / NORMALIZER_FILE).is_file() and (source.path / NORMALIZER_FILE).is_file():
+        checkpoint.write_text(NORMALIZER_FILE, source.read_text(NORMALIZER_FILE))
+    return source.load_arrays(stage)
+
+
 def _conditioner(config: ExperimentConfig, checkpoint: Checkpoint, store: SiteStore, rows: np.ndarray) -> Conditioner:
     """Centralised training fits the patient-info statistics on the first store it sees and keeps them
     (they are part of the model)."""
@@ -113,7 +135,8 @@ __all__ = ["train_stage", "check_or_save_config", "module_weights"]
 
 
 def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
-                        policy_path: Path, steps: int | None = None, progress: bool = True) -> dict:
+                        policy_path: Path, steps: int | None = None, progress: bool = True,
+                        foundation: str | Path | None = None) -> dict:
     """`ecgtwin train --policy`: the policy's rounds of DP passes of `stage` at one site, from and into
     checkpoint folder `out`, each charged to the ledger beside the policy. The site-side caches (noise plan,
     statement embeddings, public negatives) stay beside the policy; the DP loss log beside the weights."""
@@ -127,6 +150,9 @@ def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | 
         raise UserError(f"{policy_path}: the policy plans no rounds for stage {stage}")
     store, checkpoint = SiteStore(store_path), Checkpoint(out)
     check_or_save_config(checkpoint, config)
+    start_from = _adopt_foundation(checkpoint, stage, foundation)
+    if start_from is not None and not checkpoint.has(stage):
+        checkpoint.save_arrays(stage, start_from)
     if not (checkpoint.path / NORMALIZER_FILE).is_file():  # fixed population statistics (see local.py)
         checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
     ledger, cache = Ledger.for_store(store.path, ledger_path(policy_path)), Path(policy_path).parent / "cache"

@@ -1,0 +1,97 @@
+"""`ecgtwin pretrain`: a public foundation model, trained non-privately on public ECGs, for the sites to
+start from (DP-LDM, Ghalebikesabi et al. 2023: pretraining on public data that resembles the private data
+is what makes DP fine-tuning work).
+
+The foundation is an ordinary checkpoint folder (what `ecgtwin generate` reads) plus a model card:
+FOUNDATION/card.json and card.md hold the source, records, patients, steps and losses per stage, the config,
+the sha256 of each weight file and the command that reproduces it. It uses the fixed population
+normaliser, the one that federated and DP training use, so that sites can fine-tune it as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import tempfile
+from pathlib import Path
+
+from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
+from ecgtwin.config import STAGES, ExperimentConfig, to_dict
+from ecgtwin.data.prepare import prepare_store
+from ecgtwin.data.preprocess import PreprocessConfig
+from ecgtwin.data.store import SiteStore
+from ecgtwin.data.synthetic import synthesize_consortium
+from ecgtwin.errors import MissingInput, UserError
+from ecgtwin.train.centralised import check_or_save_config, train_stage
+
+# The simulator's public population: a seed no site, demo or benchmark consortium uses (they use 0..101)
+FOUNDATION_SEED = 7_919_101
+
+
+def public_store(source: str, root: Path | None, out: Path, config: ExperimentConfig, patients: int,
+                 records_per_patient: int, rate: int | None = None, progress: bool = False) -> SiteStore:
+    """The public training store: the simulator's public population, or a public corpus through the readers."""
+    preprocess = PreprocessConfig(n_samples=config.data.n_samples, duration_s=config.data.duration_s)
+    if source == "synthetic":
+        with tempfile.TemporaryDirectory() as tmp:
+            synthesize_consortium(Path(tmp), sites=1, patients_per_site=patients,
+                                  records_per_patient=records_per_patient, seed=FOUNDATION_SEED,
+                                  duration_s=config.data.duration_s, progress=progress)
+            site = next(p for p in sorted(Path(tmp).iterdir()) if p.is_dir())
+            prepare_store("synthetic", site, out, preprocess, on_reject=lambda r: None, progress=progress)
+    else:
+        if root is None:
+            raise UserError(f"--source {source} needs --root (the public corpus' folder)")
+        options = {"rate": rate} if rate is not None and source == "ptbxl" else {}
+        prepare_store(source, root, out, preprocess, progress=progress, **options)
+    return SiteStore(out)
+
+
+def pretrain(config: ExperimentConfig, source: str, out: str | Path, root: Path | None = None, patients: int = 200,
+             records_per_patient: int = 3, rate: int | None = None, command: list[str] | None = None,
+             progress: bool = False) -> dict:
+    """Train the three stages non-privately on public data into the foundation folder `out`; returns the card."""
+    out = Path(out)
+    checkpoint = Checkpoint(out)
+    store = public_store(source, root, out / "public-store", config, patients, records_per_patient, rate, progress)
+    check_or_save_config(checkpoint, config)
+    if not (out / NORMALIZER_FILE).is_file():  # the sites' fixed statistics, not fitted on this corpus
+        checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+    stages = {stage: train_stage(stage, config, store.path, out, progress=progress) for stage in STAGES}
+    card = {
+        "source": source, "root": str(root) if root else None,
+        "seed": FOUNDATION_SEED if source == "synthetic" else None,
+        "records": len(store), "patients": len(store.patients),
+        "stages": {s: {"steps": r["steps"], "first_loss": r["first_loss"], "final_loss": r["final_loss"]}
+                   for s, r in stages.items()},
+        "config": to_dict(config),
+        "sha256": {f"{s}.safetensors": hashlib.sha256(checkpoint.weights_path(s).read_bytes()).hexdigest()
+                   for s in STAGES},
+        "command": shlex.join(command) if command else None,
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=2))
+    (out / "card.md").write_text(_card_markdown(card))
+    return {"foundation": str(out), **card}
+
+
+def foundation_weights(folder: str | Path, stage: str) -> dict:
+    """A stage's weights from a foundation (or any checkpoint) folder, as arrays."""
+    checkpoint = Checkpoint(folder)
+    if not checkpoint.path.is_dir():
+        raise MissingInput(f"{checkpoint.path}: foundation folder does not exist (make one with ecgtwin pretrain)")
+    return checkpoint.load_arrays(stage)
+
+
+def _card_markdown(card: dict) -> str:
+    lines = ["# Foundation model card", "",
+             f"- source: {card['source']}" + (f" (seed {card['seed']}, the simulator's public population)"
+                                             if card["seed"] is not None else f" ({card['root']})"),
+             f"- records: {card['records']}, patients: {card['patients']}",
+             f"- reproduce: `{card['command']}`" if card["command"] else "- reproduce: (called from Python)",
+             "", "| stage | steps | first loss | final loss |", "|---|---|---|---|"]
+    lines += [f"| {s} | {v['steps']} | {v['first_loss']:.4g} | {v['final_loss']:.4g} |" for s, v in card["stages"].items()]
+    lines += ["", "| file | sha256 |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in card["sha256"].items()]
+    lines += ["", "Trained without DP on public data only: no site's patient is in it. The config is in card.json."]
+    return "\n".join(lines) + "\n"
