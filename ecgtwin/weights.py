@@ -36,6 +36,13 @@ def model_shapes(stage: str, config: ExperimentConfig) -> dict[str, tuple[int, .
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
+def parameter_count(stage: str, config: ExperimentConfig) -> int:
+    """Trainable parameters of a stage's model (what DP-SGD clips and noises)."""
+    with torch.device("meta"):
+        module = build_module(stage, config)
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
 def module_weights(module: torch.nn.Module) -> Weights:
     return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 

@@ -20,7 +20,7 @@ from dp_accounting.rdp import rdp_privacy_accountant
 from opacus import GradSampleModule
 
 from ecgtwin.cli import main
-from ecgtwin.config import ConfigError, load_config
+from ecgtwin.config import ConfigError, ExperimentConfig, load_config
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.store import SiteStore
 from ecgtwin.data.synthetic import synthesize_consortium
@@ -212,6 +212,11 @@ def test_cli_privacy_plan(store, tmp_path, capsys):
     assert [s["stage"] for s in report["stages"]] == ["vae", "twin"]
     assert report["expected_epsilon"] == pytest.approx(4.0, rel=0.01)
     assert report["population"] == 12 and report["unit"] == "patient"
+    from ecgtwin.weights import parameter_count
+    for stage in report["stages"]:  # what the budget buys, per stage
+        assert stage["noise_on_mean_update"] == pytest.approx(
+            stage["noise_multiplier"] * 1.0 / (stage["sample_rate"] * 12))
+        assert stage["parameters"] == parameter_count(stage["stage"], ExperimentConfig()) > 0
     path.write_text("epsilon: 4\ndelta: 0.5\npopulation: 12\n")
     assert main(["privacy", "plan", "--policy", str(path), "--store", str(store)]) == 1
     assert "delta 0.5 must be <= 0.1/patients" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from ecgtwin.privacy.plan import plan_budget
 from ecgtwin.privacy.policy import STAGE_ORDER, load_policy
 from ecgtwin.data.split import training_rows
 from ecgtwin.errors import MissingInput, UserError
+from ecgtwin.weights import parameter_count
 
 
 def training_patients(store: SiteStore, config: ExperimentConfig | None = None) -> int:
@@ -41,7 +42,17 @@ def plan_report(policy_path: str | Path, store_path: str | Path, config: Experim
             "delta": policy.delta, "accountant": policy.accountant, "max_grad_norm": policy.max_grad_norm,
             "records_per_patient": policy.records_per_patient,
             "expected_epsilon": stages[-1].epsilon_after if stages else 0.0,
-            "stages": [dataclasses.asdict(s) for s in stages]}
+            "config": (config or ExperimentConfig()).name,
+            "stages": [_with_noise_scale(dataclasses.asdict(s), policy, population, config) for s in stages]}
+
+
+def _with_noise_scale(stage: dict, policy, population: int, config: ExperimentConfig | None) -> dict:
+    """What a stage's budget buys: its trainable parameters, and the noise on the MEAN update per step,
+    sigma * C / expected batch (the figure that decides whether DP training works at all)."""
+    expected_batch = stage["sample_rate"] * population
+    return {**stage, "parameters": parameter_count(stage["stage"], config or ExperimentConfig()),
+            "expected_batch": expected_batch,
+            "noise_on_mean_update": stage["noise_multiplier"] * policy.max_grad_norm / expected_batch}
 
 
 def ledger_report(site: str | Path, figure: Path | None = None) -> dict:
