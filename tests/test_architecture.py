@@ -5,6 +5,7 @@ never imports the coordinator, ecgtwin/ never imports Flower, and no two package
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,9 @@ def layer(name: str) -> int | None:
     return None if best is None else best[0]
 
 
-def graph() -> dict[str, set[str]]:
-    return {module_name(p): {i for i in imports(p) if i.split(".")[0] == "ecgtwin"}
+@functools.lru_cache(maxsize=1)
+def graph() -> dict[str, frozenset[str]]:
+    return {module_name(p): frozenset(i for i in imports(p) if i.split(".")[0] == "ecgtwin")
             for p in sorted((ROOT / "ecgtwin").rglob("*.py"))}
 
 
@@ -89,9 +91,10 @@ def test_no_package_import_cycles() -> None:
         return ".".join(parts[:2]) if len(parts) > 1 else name
 
     edges: dict[str, set[str]] = {}
+    units = {unit(x) for x in graph()}
     for m, targets in graph().items():
         for i in targets:
-            if unit(i) != unit(m) and unit(i) in {unit(x) for x in graph()}:
+            if unit(i) != unit(m) and unit(i) in units:
                 edges.setdefault(unit(m), set()).add(unit(i))
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:

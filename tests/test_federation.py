@@ -567,29 +567,28 @@ def charged_site(sites: Path, config) -> Site:
     return site
 
 
-@pytest.mark.parametrize("damage", ["delete", "empty", "drop_line", "edit_steps"])
-def test_a_deleted_or_edited_ledger_is_refused_not_restarted(consortium, sites, damage):
+def test_a_deleted_or_edited_ledger_is_refused_not_restarted(consortium, sites):
+    """Two releases, then each damage in turn (the intact ledger restored in between): refused every time."""
     config = consortium["config"]
     site = charged_site(sites, config)
     site.train("vae", 1, "run-2", config_text(config), global_weights(config, "vae"))  # two releases
     path = site.ledger.path
-    lines = path.read_text().splitlines()
+    intact = path.read_text()
+    lines = intact.splitlines()
     assert len(lines) == 2
-    if damage == "delete":
-        path.unlink()
-    elif damage == "empty":
-        path.write_text("")
-    elif damage == "drop_line":
-        path.write_text(lines[1] + "\n")
-    else:
-        entry = json.loads(lines[0])
-        entry["steps"] = 0
-        path.write_text(json.dumps(entry) + "\n" + lines[1] + "\n")
-    new, metrics, refusal = open_site(sites, "site_a").train("vae", 1, "run-3", config_text(config),
-                                                             global_weights(config, "vae"))
-    assert new is None and refusal.endswith("the privacy ledger is missing, truncated or edited; refusing to train "
-                                            "(details in the site's state/errors.log)"), refusal
+    edited = json.loads(lines[0])
+    edited["steps"] = 0
+    damages = {"delete": None, "empty": "", "drop_line": lines[1] + "\n",
+               "edit_steps": json.dumps(edited) + "\n" + lines[1] + "\n"}
+    for name, text in damages.items():
+        path.unlink() if text is None else path.write_text(text)
+        new, metrics, refusal = open_site(sites, "site_a").train("vae", 1, f"run-{name}", config_text(config),
+                                                                 global_weights(config, "vae"))
+        assert new is None and refusal.endswith("the privacy ledger is missing, truncated or edited; refusing to "
+                                                "train (details in the site's state/errors.log)"), (name, refusal)
+        path.write_text(intact)
     assert "refusing to account" in (sites / "site_a" / "state" / "errors.log").read_text()
+    assert len(open_site(sites, "site_a").ledger.entries()) == 2  # intact again: accepted
 
 
 def test_every_command_that_trains_a_store_uses_its_one_ledger(consortium, sites, tmp_path):
