@@ -335,11 +335,11 @@ def _run_privacy_plan(args: argparse.Namespace) -> dict:
         print(f"privacy unit: {report['unit']}; sampling over the declared population of {report['population']} "
               f"(training patients in the store: {report['patients']})")
         print(f"{'stage':>5} {'rounds':>6} {'steps':>6} {'q':>7} {'sigma':>7} {'eps alone':>9} {'eps after':>9} "
-              f"{'params':>10} {'noise/mean':>10}")
+              f"{'params':>10} {'noise/mean':>10}  regime (measured)")
         for s in report.pop("stages"):
             print(f"{s['stage']:>5} {s['rounds']:>6} {s['local_steps']:>6} {s['sample_rate']:>7.4f} "
                   f"{s['noise_multiplier']:>7.3f} {s['epsilon_alone']:>9.3f} {s['epsilon_after']:>9.3f} "
-                  f"{s['parameters']:>10,} {s['noise_on_mean_update']:>10.4f}")
+                  f"{s['parameters']:>10,} {s['noise_on_mean_update']:>10.4f}  {s['regime']}")
     return report
 
 
@@ -390,10 +390,13 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, type=Path, help="experiment YAML (e.g. configs/demo.yaml)")
     p.add_argument("--sites-root", required=True, type=Path, help="folder with one sub-folder per site")
     p.add_argument("--out", required=True, type=Path, help="run folder (resumes from its checkpoint)")
-    p.add_argument("--rounds", default="vae=1,ibe=1,twin=1", help="rounds per stage (default vae=1,ibe=1,twin=1)")
+    p.add_argument("--rounds", help="rounds per stage (default vae=1,ibe=1,twin=1; with --foundation vae=0,ibe=1,"
+                   "twin=1: the public VAE used frozen, the IBE and the twin model fine-tuned)")
     p.add_argument("--strategy", default="fedavg", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg")
     p.add_argument("--foundation", type=Path, help="an `ecgtwin pretrain` folder: stages start from its weights; "
-                   "a stage with 0 rounds is used from it frozen (not trained, not charged)")
+                   "a stage with 0 rounds (or trainable: frozen in the config) is used from it frozen (not trained, "
+                   "not sent back, not charged); the config's trainable: all|condition|lora says what the others "
+                   "fine-tune")
     p.add_argument("--min-nodes", type=int, default=2, help="fewest sites that must return weights per round")
     p.add_argument("--run-name", default="ecgtwin", help="name written into the sites' ledgers")
     p.add_argument("--timeout", type=float, help="stop the simulation after this many seconds")
@@ -407,10 +410,11 @@ def _run_federate(args: argparse.Namespace) -> dict:
 
     load_config(args.config)  # a bad config fails here with one clear line
     rounds = {}
-    for part in filter(None, args.rounds.split(",")):
+    spec = args.rounds or ("vae=0,ibe=1,twin=1" if args.foundation else "vae=1,ibe=1,twin=1")
+    for part in filter(None, spec.split(",")):
         stage, _, value = part.partition("=")
         if stage.strip() not in STAGES or not value.strip().isdigit():
-            raise UserError(f"--rounds: expected e.g. vae=2,ibe=1,twin=3, got {args.rounds!r}")
+            raise UserError(f"--rounds: expected e.g. vae=2,ibe=1,twin=3, got {spec!r}")
         rounds[f"rounds-{stage.strip()}"] = int(value)
     if not any(args.sites_root.glob("*/privacy.yaml")):
         raise MissingInput(f"{args.sites_root}: no <site>/privacy.yaml found")

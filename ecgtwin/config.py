@@ -56,12 +56,21 @@ class StageConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
+    # what a pass trains (ecgtwin.models.finetune): all | condition | lora | frozen (used as is, e.g. from a
+    # foundation: not trained, not sent, no privacy cost); lora_rank is the adapters' rank
+    trainable: str = "all"
+    lora_rank: int = 4
 
 
 @dataclasses.dataclass
 class VAEStageConfig(StageConfig):
     kl_max: float = 1e-4  # KL weight, reached after a linear ramp
     kl_ramp_steps: int = 500
+
+    def __post_init__(self) -> None:
+        if self.trainable in ("condition", "lora"):  # a convolutional auto-encoder of the signal alone
+            raise ValueError(f"trainable: the VAE has no condition pathway and no attention or MLP projections "
+                             f"for {self.trainable!r}; use all or frozen")
 
 
 @dataclasses.dataclass
@@ -106,9 +115,10 @@ class ExperimentConfig:
 
 
 _POSITIVE = {"n_samples", "duration_s", "steps", "batch_size", "lr", "log_every", "checkpoint_every",
-             "temperature", "noise_draws", "max_statements", "out_fs"}
+             "temperature", "noise_draws", "max_statements", "out_fs", "lora_rank"}
 _FRACTIONS = {"held_out_fraction", "cond_dropout", "base_dropout"}
 _CHOICES = {"sampler": {"ddpm", "ddim", "dpm++"}, "injector": {"adax", "adaln", "cross"},
+            "trainable": {"all", "condition", "lora", "frozen"},
             "limb_leads": {"derived", "raw"}}
 
 

@@ -10,6 +10,7 @@ normaliser, the one that federated and DP training use, so that sites can fine-t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -22,11 +23,12 @@ from ecgtwin.config import STAGES, ExperimentConfig, to_dict
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.preprocess import PreprocessConfig
 from ecgtwin.data.store import SiteStore
-from ecgtwin.data.synthetic import synthesize_consortium
+from ecgtwin.data.synthetic import PUBLIC_PROFILE, synthesize_consortium
 from ecgtwin.errors import MissingInput, UserError
 from ecgtwin.train.centralised import check_or_save_config, train_stage
 
-# The simulator's public population: a seed no site, demo or benchmark consortium uses (they use 0..101)
+# The simulator's public population: a seed no site, demo or benchmark consortium uses (they use 0..101), and
+# its own profile (PUBLIC_PROFILE: another condition mix, no LBBB at all)
 FOUNDATION_SEED = 7_919_101
 
 
@@ -38,7 +40,7 @@ def public_store(source: str, root: Path | None, out: Path, config: ExperimentCo
         with tempfile.TemporaryDirectory() as tmp:
             synthesize_consortium(Path(tmp), sites=1, patients_per_site=patients,
                                   records_per_patient=records_per_patient, seed=FOUNDATION_SEED,
-                                  duration_s=config.data.duration_s, progress=progress)
+                                  duration_s=config.data.duration_s, progress=progress, profiles=(PUBLIC_PROFILE,))
             site = next(p for p in sorted(Path(tmp).iterdir()) if p.is_dir())
             prepare_store("synthetic", site, out, preprocess, on_reject=lambda r: None, progress=progress)
     else:
@@ -54,16 +56,22 @@ def pretrain(config: ExperimentConfig, source: str, out: str | Path, root: Path 
              progress: bool = False) -> dict:
     """Train the three stages non-privately on public data into the foundation folder `out`; returns the card."""
     out = Path(out)
+    # a foundation is the whole model: every stage trained in full, whatever a fine-tuning config says
+    config = dataclasses.replace(config, **{s: dataclasses.replace(config.stage(s), trainable="all") for s in STAGES})
     checkpoint = Checkpoint(out)
-    store = public_store(source, root, out / "public-store", config, patients, records_per_patient, rate, progress)
     check_or_save_config(checkpoint, config)
     if not (out / NORMALIZER_FILE).is_file():  # the sites' fixed statistics, not fitted on this corpus
         checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
-    stages = {stage: train_stage(stage, config, store.path, out, progress=progress) for stage in STAGES}
+    with tempfile.TemporaryDirectory(prefix="ecgtwin-public-") as tmp:  # the corpus' store is not part of it
+        store = public_store(source, root, Path(tmp) / "store", config, patients, records_per_patient, rate, progress)
+        stages = {stage: train_stage(stage, config, store.path, out, progress=progress) for stage in STAGES}
+        records, patient_count = len(store), len(store.patients)
+    for stage in STAGES:  # optimiser states: only for resuming an interrupted pretraining
+        (out / f"{stage}_state.pt").unlink(missing_ok=True)
     card = {
         "source": source, "root": str(root) if root else None,
         "seed": FOUNDATION_SEED if source == "synthetic" else None,
-        "records": len(store), "patients": len(store.patients),
+        "records": records, "patients": patient_count,
         "stages": {s: {"steps": r["steps"], "first_loss": r["first_loss"], "final_loss": r["final_loss"]}
                    for s, r in stages.items()},
         "config": to_dict(config),

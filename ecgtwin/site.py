@@ -30,7 +30,7 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, ledger_path, load_policy
 from ecgtwin.privacy.ledger import LedgerDamaged
 from ecgtwin.train.result import PassResult
-from ecgtwin.weights import model_shapes
+from ecgtwin.weights import trainable_part, trainable_shapes
 from ecgtwin.errors import UserError, MissingInput
 
 # What a PRIVATE site sends besides its noisy weights: only values that are public or DP. epsilon and delta
@@ -51,14 +51,15 @@ class ReplyRejected(RuntimeError):
 def check_reply(stage: str, config: ExperimentConfig, arrays: Mapping[str, np.ndarray] | None,
                 metrics: Mapping[str, Any], info: Mapping[str, Any] | None = None,
                 shapes: Mapping[str, tuple[int, ...]] | None = None, private: bool = True) -> None:
-    """Raise ReplyRejected unless the arrays are exactly the stage model's tensors (names and shapes), all
-    finite, and every metric (a number) and config key is allowlisted (PRIVATE_METRICS for a private site)."""
+    """Raise ReplyRejected unless the arrays are exactly the stage's trainable tensors (names and shapes; a
+    frozen tensor is never sent), all finite, and every metric (a number) and config key is allowlisted
+    (PRIVATE_METRICS for a private site)."""
     if arrays is not None:
-        shapes = dict(shapes) if shapes is not None else model_shapes(stage, config)
+        shapes = dict(shapes) if shapes is not None else trainable_shapes(stage, config)
         names = set(arrays)
         if names != set(shapes):
             extra, missing = sorted(names - set(shapes)), sorted(set(shapes) - names)
-            raise ReplyRejected(f"reply arrays are not the {stage} model's tensors: unexpected {extra[:3]}, "
+            raise ReplyRejected(f"reply arrays are not the {stage} model's trainable tensors: unexpected {extra[:3]}, "
                                 f"missing {missing[:3]}")
         for name, value in arrays.items():
             if tuple(np.shape(value)) != tuple(shapes[name]):
@@ -137,6 +138,8 @@ class Site:
             raise UserError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
         config = config_from_text(config_yaml)
         plan = self.policy.stage(stage)
+        if config.stage(stage).trainable == "frozen":
+            return None, {}, f"{self.name}: stage {stage} is frozen in the run's config; there is nothing to train"
         if plan.rounds < 1:
             return None, {}, (f"{self.name}: the site's privacy policy plans no rounds for stage {stage}; "
                               "not training it")
@@ -163,9 +166,10 @@ class Site:
             metrics = {"num-examples": int(result.summary["patients"]), "patients": int(result.summary["patients"]),
                        "records": int(result.summary["records_used"]), "loss": float(result.summary["loss"]),
                        "train-seconds": float(result.summary["seconds"])}
-        check_reply(stage, config, result.weights, metrics, private=self.policy.private)
-        self._store(key, result.weights, metrics)
-        return result.weights, metrics, None
+        reply = trainable_part(stage, config, result.weights)  # frozen tensors never leave the site
+        check_reply(stage, config, reply, metrics, private=self.policy.private)
+        self._store(key, reply, metrics)
+        return reply, metrics, None
 
     def _stored(self, key: str) -> tuple[dict[str, np.ndarray], dict, None] | None:
         folder = self.state_path / "passes" / key

@@ -25,13 +25,14 @@ from ecgtwin.data.readers.common import load_12_lead
 from ecgtwin.data.record import Record, RecordError, parse_age, parse_sex
 from ecgtwin.data.store import SiteStore
 from ecgtwin.data.wfdb_io import header_fields, write_wfdb
-from ecgtwin.models import LATENT_SCALE, ECGVAE, AdaXDenoiser, GaussianDiffusion, IndividualBaseExtractor
+from ecgtwin.models import LATENT_SCALE, GaussianDiffusion
 from ecgtwin.models import guided_model_fn
 from ecgtwin.plot import plot_ecg_paper
 from ecgtwin.data.signal import HR_PLAUSIBLE, heart_rate, project_limb_leads
 from ecgtwin.text import split_statements
 from ecgtwin.conditioning import load_conditioner
 from ecgtwin.errors import UserError, MissingInput
+from ecgtwin.weights import build_module
 
 
 AGE_RANGE = (0.0, 120.0)
@@ -118,9 +119,8 @@ class TwinGenerator:
         self.config = self.checkpoint.config()
         model = self.config.model
         self.device = torch.device(device)
-        self.vae = self._frozen(self.checkpoint.load_weights("vae", ECGVAE(model.vae)))
-        self.ibe = self._frozen(self.checkpoint.load_weights("ibe", IndividualBaseExtractor(model.ibe)))
-        self.denoiser = self._frozen(self.checkpoint.load_weights("twin", AdaXDenoiser(model.dit)))
+        self.vae, self.ibe, self.denoiser = (
+            self._frozen(self.checkpoint.load_weights(s, build_module(s, self.config))) for s in STAGES)
         self.diffusion = GaussianDiffusion(model.diffusion)
         self.conditioner = load_conditioner(self.config, self.checkpoint.path)
         self.preprocess = PreprocessConfig(n_samples=self.config.data.n_samples, duration_s=self.config.data.duration_s)

@@ -11,22 +11,32 @@ import torch
 from ecgtwin.config import STAGES, ExperimentConfig
 from ecgtwin.errors import UserError
 from ecgtwin.models import ECGVAE, AdaXDenoiser, IndividualBaseExtractor
+from ecgtwin.models.finetune import add_lora, train_only
+from ecgtwin.models.finetune import trainable_names as module_trainable_names
 
 Weights = dict[str, np.ndarray]
 
 
 def build_module(stage: str, config: ExperimentConfig, seed: int | None = None) -> torch.nn.Module:
-    """A fresh module of `stage`; with `seed`, its initial weights are drawn from that seed without touching
-    the caller's global random state."""
+    """A fresh module of `stage` (with LoRA adapters when the stage trains `lora`); with `seed`, its initial
+    weights are drawn from that seed without touching the caller's global random state."""
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    settings = config.stage(stage)
     make = {"vae": lambda: ECGVAE(config.model.vae), "ibe": lambda: IndividualBaseExtractor(config.model.ibe),
             "twin": lambda: AdaXDenoiser(config.model.dit)}[stage]
+
+    def build() -> torch.nn.Module:
+        module = make()
+        if settings.trainable == "lora":
+            add_lora(module, settings.lora_rank)
+        return module
+
     if seed is None:
-        return make()
+        return build()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return make()
+        return build()
 
 
 def model_shapes(stage: str, config: ExperimentConfig) -> dict[str, tuple[int, ...]]:
@@ -36,11 +46,48 @@ def model_shapes(stage: str, config: ExperimentConfig) -> dict[str, tuple[int, .
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
-def parameter_count(stage: str, config: ExperimentConfig) -> int:
-    """Trainable parameters of a stage's model (what DP-SGD clips and noises)."""
+def trainable_names(stage: str, config: ExperimentConfig) -> list[str]:
+    """The tensors a pass of `stage` trains under the stage's `trainable` setting: what DP-SGD clips and
+    noises and the only ones a reply carries (the others stay bit-identical)."""
     with torch.device("meta"):
         module = build_module(stage, config)
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return module_trainable_names(module, config.stage(stage).trainable)
+
+
+def trainable_shapes(stage: str, config: ExperimentConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors a reply of `stage` carries."""
+    shapes = model_shapes(stage, config)
+    return {name: shapes[name] for name in trainable_names(stage, config)}
+
+
+def parameter_count(stage: str, config: ExperimentConfig) -> int:
+    """Trainable parameters of a stage under its `trainable` setting (what DP-SGD clips and noises)."""
+    return int(sum(np.prod(shape, dtype=np.int64) for shape in trainable_shapes(stage, config).values()))
+
+
+def select_trainable(module: torch.nn.Module, stage: str, config: ExperimentConfig) -> torch.nn.Module:
+    """Freeze every parameter the stage's `trainable` setting does not train."""
+    return train_only(module, module_trainable_names(module, config.stage(stage).trainable))
+
+
+def trainable_part(stage: str, config: ExperimentConfig, weights: Mapping[str, np.ndarray]) -> Weights:
+    """The trainable tensors of a stage's full weights: what a reply carries."""
+    return {name: weights[name] for name in trainable_names(stage, config)}
+
+
+def start_from(stage: str, config: ExperimentConfig, foundation: Mapping[str, np.ndarray]) -> Weights:
+    """A stage's starting weights from a foundation's tensors: every tensor of the foundation (checked
+    against the model), completed by the stage's seeded initial values for what the foundation lacks (the
+    LoRA adapters, whose B is zero, so the start is the foundation's function)."""
+    shapes = model_shapes(stage, config)
+    for name, value in foundation.items():
+        if name not in shapes or tuple(value.shape) != tuple(shapes[name]):
+            raise UserError(f"foundation {stage} tensor {name} {tuple(value.shape)} does not fit the model "
+                            f"({'no such tensor' if name not in shapes else shapes[name]})")
+    missing = [n for n in shapes if n not in foundation and ".lora_" not in n]
+    if missing:
+        raise UserError(f"the foundation lacks {len(missing)} {stage} tensors, e.g. {missing[0]}")
+    return {**initial_weights(stage, config), **{k: np.asarray(v) for k, v in foundation.items()}}
 
 
 def module_weights(module: torch.nn.Module) -> Weights:

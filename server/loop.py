@@ -23,7 +23,7 @@ from ecgtwin.coordinator.model import save_global_model
 from ecgtwin.coordinator.settings import FederationError, FederationSettings
 from ecgtwin.coordinator.state import RunState, open_run
 from ecgtwin.coordinator.status import write_status
-from ecgtwin.weights import initial_weights, model_shapes
+from ecgtwin.weights import initial_weights, start_from, trainable_shapes
 from ecgtwin.site import ALLOWED_METRICS
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the FAB (or repository) root: relative config paths
@@ -66,14 +66,14 @@ def _run(grid: Grid, settings: FederationSettings, out: Path) -> Path:
     if resumed:
         log(INFO, "ecgtwin: resuming %s from its checkpoint: rounds done %s", out, state.completed)
     for stage in STAGES:
-        rounds = settings.rounds(stage)
+        rounds = 0 if config.stage(stage).trainable == "frozen" else settings.rounds(stage)
         if stage not in state.weights and settings.foundation:  # public weights: the start, or frozen as they are
-            state.weights[stage] = Checkpoint(settings.foundation).load_arrays(stage)
+            state.weights[stage] = start_from(stage, config, Checkpoint(settings.foundation).load_arrays(stage))
         if rounds == 0:
             continue
         if stage not in state.weights:
             state.weights[stage] = initial_weights(stage, config)
-        shapes = model_shapes(stage, config)
+        shapes = trainable_shapes(stage, config)  # a reply carries these only; the rest stays as sent
         strategy = make_strategy(settings)
         if isinstance(strategy, FedAdam) and stage in state.moments:
             strategy.m_t = state.moments[stage].get("m") or None
@@ -165,16 +165,18 @@ def _check(reply: Message, shapes: dict, metrics: dict) -> str | None:
 
 
 def _aggregate(strategy: FedAvg, rnd: int, current: dict, replies: list[Message]) -> dict:
-    """The strategy's aggregate_train on the accepted replies, reduced to weights and the weighting count."""
+    """The strategy's aggregate_train on the accepted replies (the trainable tensors), reduced to weights and
+    the weighting count, merged into the global weights (frozen tensors stay bit-identical)."""
     for reply in replies:
         reply.content = RecordDict({"arrays": reply.content["arrays"],
                                     "metrics": MetricRecord({"num-examples": reply.content["metrics"]["num-examples"]})})
+    sent = set(replies[0].content["arrays"].keys())
     if hasattr(strategy, "current_arrays"):  # FedOpt family: the server optimiser steps from the global weights
-        strategy.current_arrays = {k: np.asarray(v) for k, v in current.items()}
+        strategy.current_arrays = {k: np.asarray(v) for k, v in current.items() if k in sent}
     arrays, _ = strategy.aggregate_train(rnd, replies)
     if arrays is None:
         raise FederationError(f"round {rnd}: the strategy aggregated nothing")
-    return {k: np.asarray(a.numpy(), dtype=current[k].dtype) for k, a in arrays.items()}
+    return {**current, **{k: np.asarray(a.numpy(), dtype=current[k].dtype) for k, a in arrays.items()}}
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, wait: float) -> list[int]:

@@ -684,6 +684,24 @@ def test_pretrain_lowers_every_loss_and_its_card_matches_the_weights(foundation)
     generator_works(foundation)
 
 
+def test_pretrain_on_a_real_public_corpus_reads_it_through_the_readers(consortium, ptbxl_root, tmp_path):
+    """The real path: PTB-XL (CC-BY 4.0) from ../shared/data, its 100 Hz copy, through the PTB-XL reader; the
+    card names the corpus and counts its real records and patients, and its model generates."""
+    import pandas as pd
+
+    from ecgtwin.foundation import pretrain
+
+    config = copy.deepcopy(consortium["config"])
+    config.vae.steps, config.ibe.steps, config.twin.steps = 3, 2, 3
+    card = pretrain(config, "ptbxl", tmp_path / "f", root=ptbxl_root, rate=100)
+    database = pd.read_csv(ptbxl_root / "ptbxl_database.csv")
+    assert card["source"] == "ptbxl" and card["root"] == str(ptbxl_root) and card["seed"] is None
+    assert 0.9 * len(database) <= card["records"] <= len(database)
+    assert card["patients"] <= database.patient_id.nunique()
+    assert not (tmp_path / "f" / "public-store").exists() and not list((tmp_path / "f").glob("*_state.pt"))
+    generator_works(tmp_path / "f")
+
+
 def test_a_frozen_foundation_stage_is_sent_never_trained_and_costs_nothing(consortium, sites, tmp_path, foundation,
                                                                            flower_identity):
     """Rounds vae=0, ibe=0, twin=1 from a foundation: the VAE and IBE reach the sites and the global model
@@ -718,3 +736,89 @@ def test_train_from_a_foundation_starts_from_its_weights(consortium, sites, tmp_
         for k in start:
             np.testing.assert_allclose(got[k], start[k], atol=1e-8, err_msg=f"{stage}/{k}")
     assert (tmp_path / "ckpt" / "conditioning.json").read_text() == (foundation / "conditioning.json").read_text()
+
+
+def fine_tuning_config(consortium, tmp_path: Path, **trainable) -> Path:
+    """The tiny experiment with `stage=mode` fine-tuning settings, as a config file."""
+    config = copy.deepcopy(consortium["config"])
+    for stage, mode in trainable.items():
+        config.stage(stage).trainable = mode
+    path = tmp_path / f"fine-tune-{'-'.join(f'{s}-{m}' for s, m in trainable.items())}.yaml"
+    save_config(config, path)
+    return path
+
+
+@pytest.mark.parametrize("stage,mode", [("ibe", "condition"), ("twin", "condition"), ("twin", "lora")])
+def test_a_condition_or_lora_dp_pass_changes_only_the_chosen_parameters(consortium, sites, tmp_path, foundation,
+                                                                         stage, mode):
+    """From a foundation's weights, a DP pass of `mode` moves its chosen tensors, leaves every other tensor
+    bit-identical, and the reply carries the chosen tensors only."""
+    from safetensors.numpy import load_file
+
+    from ecgtwin.checkpoint import Checkpoint
+    from ecgtwin.config import load_config
+    from ecgtwin.models.finetune import trainable_names as pattern_names
+    from ecgtwin.weights import build_module, start_from, trainable_names
+
+    config = load_config(fine_tuning_config(consortium, tmp_path, **{stage: mode}))
+    sent = {s: start_from(s, config, Checkpoint(foundation).load_arrays(s))
+            for s in STAGES[: STAGES.index(stage) + 1]}
+    site = open_site(sites, "site_a")
+    reply, metrics, refusal = site.train(stage, 1, "run-ft", config_text(config), sent)
+    assert refusal is None and set(metrics) == {"num-examples", "epsilon", "delta"}
+    chosen = set(trainable_names(stage, config))
+    module = build_module(stage, config)
+    assert chosen == set(pattern_names(module, mode)) and 0 < len(chosen) < len(sent[stage])
+    if mode == "lora":
+        assert all(".lora_" in n for n in chosen)
+    else:
+        pathway = type(module).CONDITION_PATHWAY
+        assert all(any(part in pathway for part in n.split(".")) for n in chosen)
+    assert set(reply) == chosen  # frozen tensors never leave the site
+    kept = load_file(str(site.work / f"{stage}.safetensors"))  # the site's full weights after the pass
+    frozen_names = set(sent[stage]) - chosen
+    assert all(np.array_equal(kept[k], sent[stage][k]) for k in frozen_names)
+    moved = [k for k in chosen if not np.array_equal(kept[k], sent[stage][k])]
+    assert len(moved) == len(chosen), f"{len(chosen) - len(moved)} chosen tensors did not move"
+    assert all(np.array_equal(reply[k], kept[k]) for k in chosen)
+
+
+def test_a_federation_resumed_keeps_the_foundation_and_the_trainable_set(consortium, sites, tmp_path, foundation,
+                                                                         flower_identity):
+    """A LoRA fine-tuning of the twin stage from a foundation (VAE and IBE frozen): replies carry the
+    adapters only, the base stays the foundation's bit for bit through a resumed second round, and a resume
+    with another trainable set or another foundation is refused."""
+    from safetensors.numpy import load_file
+    from server.loop import run_federation
+
+    from ecgtwin.config import ConfigError, load_config
+    from ecgtwin.weights import trainable_names
+
+    lora = fine_tuning_config(consortium, tmp_path, twin="lora")
+    out = tmp_path / "out"
+    settings = {"config": str(lora), "rounds-vae": 0, "rounds-ibe": 0, "foundation": str(foundation)}
+    grid = LocalGrid(sites)
+    run_federation(grid, run_config(consortium, out, **settings))
+    run_federation(grid, run_config(consortium, out, **{**settings, "rounds-twin": 2}))  # resumed: round 2 only
+    assert [(s, r) for s, r, _ in grid.sent][::3] == [("twin", 1), ("twin", 2)]
+    adapters = set(trainable_names("twin", load_config(lora)))
+    assert grid.replies and all(set(arrays) == adapters for arrays, _ in grid.replies)
+    base, final = load_file(str(foundation / "twin.safetensors")), load_file(str(out / "model" / "twin.safetensors"))
+    assert all(np.array_equal(base[k], final[k]) for k in base)
+    assert any(not np.array_equal(final[k], 0 * final[k]) for k in adapters if ".lora_b." in k)  # B moved from 0
+    assert RunState.load(out).start["trainable"] == {"vae": "frozen", "ibe": "frozen", "twin": "lora-r4"}
+    generator_works(out / "model")
+    condition = fine_tuning_config(consortium, tmp_path, twin="condition")
+    with pytest.raises(ConfigError, match="another trainable set"):
+        run_federation(LocalGrid(sites), run_config(consortium, out, **{**settings, "config": str(condition),
+                                                                        "rounds-twin": 3}))
+    other = tmp_path / "other-foundation"
+    shutil.copytree(foundation, other)
+    weights = load_file(str(other / "ibe.safetensors"))
+    from safetensors.numpy import save_file
+    save_file({k: v + 1e-3 for k, v in weights.items()}, str(other / "ibe.safetensors"))
+    with pytest.raises(ConfigError, match="another foundation"):
+        run_federation(LocalGrid(sites), run_config(consortium, out, **{**settings, "foundation": str(other),
+                                                                        "rounds-twin": 3}))
+    for site in SITES:
+        assert ledger_rounds(sites, site) == [("twin", 1), ("twin", 2)]

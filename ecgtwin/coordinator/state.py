@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgtwin.checkpoint import atomic_write
-from ecgtwin.config import ConfigError, ExperimentConfig, to_dict
+from ecgtwin.config import STAGES, ConfigError, ExperimentConfig, to_dict
 from ecgtwin.coordinator.settings import FederationSettings
 from ecgtwin.coordinator.status import json_default, now
 from ecgtwin.weights import Weights
@@ -28,6 +29,7 @@ class RunState:
     moments: dict[str, dict[str, Weights]] = dataclasses.field(default_factory=dict)  # stage -> m_t/v_t
     completed: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     history: list[dict] = dataclasses.field(default_factory=list)  # one metrics entry per round
+    start: dict = dataclasses.field(default_factory=dict)  # the foundation's hashes and each stage's trainable set
 
     def done(self, stage: str, round: int) -> bool:
         return (stage, round) in {tuple(c) for c in self.completed}
@@ -44,7 +46,7 @@ class RunState:
             for name, weights in moments.items():
                 arrays.update({f"moments/{stage}/{name}/{k}": v for k, v in weights.items()})
         meta = {"run_name": self.run_name, "model": self.model, "completed": [list(c) for c in self.completed],
-                "history": self.history, "saved": now()}
+                "history": self.history, "start": self.start, "saved": now()}
         arrays["__meta__"] = np.frombuffer(json.dumps(meta, default=json_default).encode(), dtype=np.uint8)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -60,7 +62,7 @@ class RunState:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(bytes(data["__meta__"]).decode())
             state = cls(meta["run_name"], meta["model"], completed=[tuple(c) for c in meta["completed"]],
-                        history=meta["history"])
+                        history=meta["history"], start=meta.get("start", {}))
             for key in data.files:
                 parts = key.split("/")
                 if parts[0] == "weights":
@@ -71,10 +73,30 @@ class RunState:
 
 
 def open_run(out: str | Path, settings: FederationSettings, config: ExperimentConfig) -> tuple[RunState, bool]:
-    """The run's state: resumed from out/state.npz when present (same model configuration), else new."""
-    state = RunState.load(out)
+    """The run's state: resumed from out/state.npz when present (same model configuration, same foundation,
+    same trainable set per stage), else new."""
+    state, start = RunState.load(out), run_start(settings, config)
     if state is None:
-        return RunState(settings.run_name, to_dict(config.model)), False
+        return RunState(settings.run_name, to_dict(config.model), start=start), False
     if state.model != to_dict(config.model):
         raise ConfigError(f"{out}: holds a run of a different model configuration; use another out folder")
+    for key, what in (("foundation", "foundation"), ("trainable", "trainable set")):
+        if state.start.get(key) != start[key]:
+            raise ConfigError(f"{out}: this run started with another {what} ({state.start.get(key)} now "
+                              f"{start[key]}); resume it with the one it started from, or use another out folder")
     return state, True
+
+
+def run_start(settings: FederationSettings, config: ExperimentConfig) -> dict:
+    """What a run starts from and must keep when resumed: the foundation (by the sha256 of its weight files)
+    and what each stage trains (frozen when it has no rounds)."""
+    foundation = {}
+    if settings.foundation:
+        folder = Path(settings.foundation)
+        foundation = {s: hashlib.sha256((folder / f"{s}.safetensors").read_bytes()).hexdigest()
+                      for s in STAGES if (folder / f"{s}.safetensors").is_file()}
+    trainable = {s: "frozen" if settings.rounds(s) == 0 or config.stage(s).trainable == "frozen" else
+                 f"{config.stage(s).trainable}" + (f"-r{config.stage(s).lora_rank}"
+                                                   if config.stage(s).trainable == "lora" else "")
+                 for s in STAGES}
+    return {"foundation": foundation, "trainable": trainable}

@@ -92,6 +92,11 @@ class FinalLayer(nn.Module):
 class AdaXDenoiser(nn.Module):
     """eps-prediction network: (z_t, t, base, cond, cond_mask) -> eps, all latents (B, 4, 128)."""
 
+    # What `trainable: condition` fine-tunes: the AdaX Condition Injector's two paths (cross-attention to the
+    # condition, adaLN modulation from timestep + person) and the condition and base-vector embedders.
+    CONDITION_PATHWAY = ("cross_attn", "adaLN_modulation", "cond_proj", "cond_pos", "null_cond", "base_proj",
+                         "null_base")
+
     def __init__(self, cfg: DiTConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or DiTConfig()

@@ -57,6 +57,10 @@ class IBELayer(nn.Module):
 class IndividualBaseExtractor(nn.Module):
     """latent (B, 4, 128), condition tokens (B, S, cond_dim), mask (B, S) -> base vector (B, base_dim)."""
 
+    # What `trainable: condition` fine-tunes: the path by which the condition is subtracted (its embedder,
+    # the cross-attention and their norms), so that a site's conditions are removed from its base vectors.
+    CONDITION_PATHWAY = ("cond_embed", "cross_attn", "cond_norm", "norm2")
+
     def __init__(self, cfg: IBEConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or IBEConfig()

@@ -22,9 +22,9 @@ from ecgtwin.config import STAGES, ConfigError, ExperimentConfig, to_dict
 from ecgtwin.data.store import SiteStore
 from ecgtwin.errors import UserError
 from ecgtwin.plot import plot_loss_curve
-from ecgtwin.train.local import build_stage
+from ecgtwin.train.local import build_stage, trainable
 from ecgtwin.train.result import check_store, pass_rows
-from ecgtwin.weights import module_weights
+from ecgtwin.weights import module_weights, start_from as foundation_start
 
 
 def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
@@ -37,7 +37,7 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
     check_store(store, config)
     checkpoint = Checkpoint(out)
     check_or_save_config(checkpoint, config)
-    start_from = _adopt_foundation(checkpoint, stage, foundation)
+    start_from = _adopt_foundation(checkpoint, config, stage, foundation)
     settings = config.stage(stage)
     rows = pass_rows(store, config)
     if len(rows) == 0:
@@ -52,7 +52,7 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
     rng, generator, start = np.random.default_rng(settings.seed), torch.Generator().manual_seed(settings.seed), 0
     ref_rng = np.random.default_rng(settings.seed)  # which other ECG of a patient is its reference (twin)
     built = build_stage(stage, config, store, rows, weights, _conditioner(config, checkpoint, store, rows), ref_rng)
-    optimizer = torch.optim.AdamW(built.module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(trainable(built.module), lr=settings.lr, weight_decay=settings.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state, start = state["numpy_rng"], state["step"]
@@ -67,7 +67,7 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
         loss, extra = built.step_loss(step, rng, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(built.module.parameters(), settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable(built.module), settings.grad_clip)
         optimizer.step()
         entry = {"step": step + 1, "loss": loss.item(), **extra}
         bar.update(1)
@@ -90,9 +90,12 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
             "loss_curve": str(checkpoint.path / f"{stage}_loss.png")}
 
 
-def _adopt_foundation(checkpoint: Checkpoint, stage: str, foundation: str | Path | None) -> dict | None:
+def _adopt_foundation(checkpoint: Checkpoint, config: ExperimentConfig, stage: str,
+                      foundation: str | Path | None) -> dict | None:
     """Copy what the checkpoint lacks from the foundation (earlier stages, its normaliser); return the
-    foundation's weights of `stage`."""
+    stage's starting weights from the foundation (with fresh LoRA adapters where the stage trains `lora`)."""
+    if config.stage(stage).trainable == "frozen":
+        raise UserError(f"stage {stage} is frozen in the config (trainable: frozen): there is nothing to train")
     if foundation is None:
         return None
     source = Checkpoint(foundation)
@@ -100,10 +103,10 @@ def _adopt_foundation(checkpoint: Checkpoint, stage: str, foundation: str | Path
         raise ConfigError(f"{source.path}: the foundation has another model configuration than the experiment")
     for earlier in STAGES[: STAGES.index(stage)]:
         if not checkpoint.has(earlier):
-            checkpoint.save_arrays(earlier, source.load_arrays(earlier))
+            checkpoint.save_arrays(earlier, foundation_start(earlier, config, source.load_arrays(earlier)))
     if not (checkpoint.path / NORMALIZER_FILE).is_file() and (source.path / NORMALIZER_FILE).is_file():
         checkpoint.write_text(NORMALIZER_FILE, source.read_text(NORMALIZER_FILE))
-    return source.load_arrays(stage)
+    return foundation_start(stage, config, source.load_arrays(stage))
 
 
 def _conditioner(config: ExperimentConfig, checkpoint: Checkpoint, store: SiteStore, rows: np.ndarray) -> Conditioner:
@@ -150,7 +153,7 @@ def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | 
         raise UserError(f"{policy_path}: the policy plans no rounds for stage {stage}")
     store, checkpoint = SiteStore(store_path), Checkpoint(out)
     check_or_save_config(checkpoint, config)
-    start_from = _adopt_foundation(checkpoint, stage, foundation)
+    start_from = _adopt_foundation(checkpoint, config, stage, foundation)
     if start_from is not None and not checkpoint.has(stage):
         checkpoint.save_arrays(stage, start_from)
     if not (checkpoint.path / NORMALIZER_FILE).is_file():  # fixed population statistics (see local.py)

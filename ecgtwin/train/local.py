@@ -24,7 +24,7 @@ from ecgtwin.models import GaussianDiffusion, kl_weight_at
 from ecgtwin.train import inputs as stage_inputs
 from ecgtwin.train.losses import ibe_batch_loss, twin_batch_loss, vae_batch_loss
 from ecgtwin.train.result import PassResult, StageWeights, check_store, frozen_stages, pass_rows
-from ecgtwin.weights import module_from, module_weights
+from ecgtwin.weights import module_from, module_weights, select_trainable
 
 # (step, numpy rng, torch generator) -> (mean loss of the batch, extra log values)
 StepLoss = Callable[[int, np.random.Generator, torch.Generator], tuple[torch.Tensor, dict]]
@@ -43,7 +43,7 @@ def build_stage(stage: str, config: ExperimentConfig, store: SiteStore, rows: np
                 conditioner: Conditioner, rng: np.random.Generator) -> Stage:
     """The stage's module (from `weights[stage]`, or fresh) and its step loss on the store's `rows`."""
     frozen = frozen_stages(stage, config, weights)
-    module = module_from(stage, config, weights.get(stage))
+    module = select_trainable(module_from(stage, config, weights.get(stage)), stage, config)
     return _BUILDERS[stage](config, store, rows, module, frozen, conditioner, rng)
 
 
@@ -64,7 +64,7 @@ def local_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: 
     seed = settings.seed + 1000 * round
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     built = build_stage(stage, config, store, rows, weights, population_conditioner(config, cache_dir), rng)
-    optimizer = torch.optim.AdamW(built.module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(trainable(built.module), lr=settings.lr, weight_decay=settings.weight_decay)
     pull = proximal_step(built.module, settings.lr, proximal_mu)
     log, started = [], time.perf_counter()
     built.module.train()
@@ -72,7 +72,7 @@ def local_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: 
         loss, _ = built.step_loss(step, rng, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(built.module.parameters(), settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable(built.module), settings.grad_clip)
         optimizer.step()
         pull()
         log.append({"round": round, "step": step + 1, "loss": loss.item()})
@@ -84,17 +84,23 @@ def local_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: 
     return PassResult(stage, module_weights(built.module), summary, log)
 
 
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a pass optimises (select_trainable froze the others)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def proximal_step(module: torch.nn.Module, lr: float, mu: float) -> Callable[[], None]:
     """FedProx: after each optimiser step, pull the weights towards the round's starting (global) weights,
     w <- w - lr * mu * (w - w_global), the gradient step of (mu / 2) ||w - w_global||^2. It does not touch
     the data, so under DP-SGD it is post-processing and costs no privacy."""
     if mu <= 0:
         return lambda: None
-    start = [p.detach().clone() for p in module.parameters()]
+    params = trainable(module)
+    start = [p.detach().clone() for p in params]
 
     @torch.no_grad()
     def pull() -> None:
-        for p, p0 in zip(module.parameters(), start):
+        for p, p0 in zip(params, start):
             p.sub_(lr * mu * (p - p0))
 
     return pull

@@ -46,7 +46,7 @@ from ecgtwin.train.losses import ibe_private_loss, twin_loss_at, vae_batch_loss
 from ecgtwin.train.public import public_negatives
 from ecgtwin.train.randomness import PatientRandomness
 from ecgtwin.train.result import PassResult, StageWeights, check_store, frozen_stages, pass_rows
-from ecgtwin.weights import module_from, module_weights
+from ecgtwin.weights import module_from, module_weights, select_trainable
 
 Unit = tuple[str, np.ndarray]  # (patient id, the items it contributes this step: records or IBE pairs)
 # the units chosen this step, the step -> (loss of each unit [U], the unit slot of every forward row [R])
@@ -148,7 +148,8 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
     are removed from the module when the block ends, however it ends."""
     module = built.module
     mode = resolved_mode(built, policy)
-    base = torch.optim.AdamW(module.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    params = [p for p in module.parameters() if p.requires_grad]  # the stage's trainable subset only
+    base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     expected = max(1, int(round(expected_batch)))
     opts = dict(noise_multiplier=sigma, max_grad_norm=policy.max_grad_norm, expected_batch_size=expected,
                 loss_reduction="mean", generator=generator)
@@ -165,7 +166,6 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
             gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum",
                                    force_functorch=mode == "functorch")
             optimizer = DPOptimizer(base, **opts)
-    params = [p for p in module.parameters() if p.requires_grad]
 
     def noise_only() -> None:  # nobody sampled (or usable): the step is noise only, as accounted
         for p in params:
@@ -278,7 +278,7 @@ def _rows_from(rand: PatientRandomness, purpose: str, step: int, picks: list[Uni
 
 def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
          policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None) -> PrivateStage:
-    vae = module_from("vae", config, weights.get("vae"))
+    vae = select_trainable(module_from("vae", config, weights.get("vae")), "vae", config)
     signals = torch.from_numpy(np.asarray(store.signals[rows]))
     settings = config.vae
     latent = (config.model.vae.latent_channels, config.data.n_samples // vae.cfg.downsample_factor)
@@ -300,7 +300,7 @@ def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
     pub_latents, pub_conditions = public_negatives(config, vae, conditioner,
                                                    cache_dir / "public-negatives" if cache_dir else None)
     m = policy.public_negatives
-    ibe = module_from("ibe", config, weights.get("ibe"))
+    ibe = select_trainable(module_from("ibe", config, weights.get("ibe")), "ibe", config)
     units = [(p, np.array(v, dtype=int)) for p, v in sorted(inputs.by_patient.items())]
 
     def unit_loss(picks: list[Unit], step: int):
@@ -325,7 +325,7 @@ def _twin(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights:
     vae, ibe = frozen_stages("twin", config, weights)
     data = stage_inputs.twin_inputs(store, rows, vae, ibe, population_conditioner(config, cache_dir),
                                     lambda patient: rand.numpy("reference", -1, patient))
-    denoiser = module_from("twin", config, weights.get("twin"))
+    denoiser = select_trainable(module_from("twin", config, weights.get("twin")), "twin", config)
     diffusion = GaussianDiffusion(config.model.diffusion)
     draws, shape = settings.noise_draws, tuple(data.latents.shape[1:])
 

@@ -56,8 +56,8 @@ def frozen_stages(stage: str, config: ExperimentConfig, weights: StageWeights) -
 
 
 def frozen_vae(config: ExperimentConfig, weights: Weights) -> ECGVAE:
-    return frozen(load_weights_into(ECGVAE(config.model.vae), weights))
+    return frozen(load_weights_into(build_module("vae", config), weights))
 
 
 def frozen_ibe(config: ExperimentConfig, weights: Weights) -> IndividualBaseExtractor:
-    return frozen(load_weights_into(IndividualBaseExtractor(config.model.ibe), weights))
+    return frozen(load_weights_into(build_module("ibe", config), weights))

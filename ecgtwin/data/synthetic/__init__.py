@@ -7,6 +7,7 @@ See docs/synthetic.md for the model and its limits.
 from ecgtwin.data.synthetic.conditions import CONDITIONS, RHYTHMS, ConditionPlan, check_conditions, machine_report
 from ecgtwin.data.synthetic.consortium import (
     METADATA_COLUMNS,
+    PUBLIC_PROFILE,
     SITE_PROFILES,
     SiteProfile,
     SyntheticECG,
@@ -23,6 +24,7 @@ __all__ = [
     "CONDITIONS",
     "METADATA_COLUMNS",
     "RHYTHMS",
+    "PUBLIC_PROFILE",
     "SITE_PROFILES",
     "ConditionPlan",
     "HeartTraits",

@@ -9,6 +9,10 @@ Sites are named site_a, site_b, ... and differ on purpose (non-IID), cycling thr
 
 (site_e is a general practice again, and so on.) The sites also differ in their equipment: noise,
 mains frequency and baseline wander.
+
+PUBLIC_PROFILE is the population a public foundation model is pretrained on (`ecgtwin pretrain --source
+synthetic`): another mix than any site, 60 Hz mains, and never a left bundle branch block, so that what a
+site's private fine-tuning adds can be seen.
 """
 
 from __future__ import annotations
@@ -106,6 +110,16 @@ SITE_PROFILES: tuple[SiteProfile, ...] = (
         tachycardia=0.12, st_elevation=0.06, sporadic_pvc=0.05, af_rate_bpm=(65.0, 125.0),
         white_noise_mv=0.012, mains_hz=60.0, mains_mv=0.015, wander_mv=0.1, days_between_visits=200.0,
     ),
+)
+
+
+# The public corpus: no LBBB at all, fewer of the ward's chronic findings, more of the emergency's acute ones.
+PUBLIC_PROFILE = SiteProfile(
+    kind="public corpus", age_mean=52.0, age_sd=17.0, female_fraction=0.5,
+    chronic={"RBBB": 0.08, "LVH": 0.12, "1AVB": 0.08},
+    paroxysmal_af=0.18, pvc_prone=0.1, slow_heart=0.15,
+    tachycardia=0.18, st_elevation=0.08, sporadic_pvc=0.05, af_rate_bpm=(60.0, 140.0),
+    white_noise_mv=0.012, mains_hz=60.0, mains_mv=0.012, wander_mv=0.1, days_between_visits=150.0,
 )
 
 
@@ -275,11 +289,13 @@ def synthesize_consortium(
     fs: float = 500.0,
     duration_s: float = 10.0,
     progress: bool = False,
+    profiles: tuple[SiteProfile, ...] = SITE_PROFILES,
 ) -> dict:
     """Write a synthetic consortium as WFDB records: out/<site>/<record>.hea/.dat + out/<site>/metadata.csv.
 
     Deterministic given `seed` (every patient and recording has its own seeded generator). Returns
-    a summary: site names, counts, condition counts per site, and the time it took.
+    a summary: site names, counts, condition counts per site, and the time it took. Site i follows
+    `profiles[i % len(profiles)]`.
     """
     if sites < 1 or patients_per_site < 1 or records_per_patient < 1:
         raise UserError("sites, patients_per_site and records_per_patient must all be at least 1")
@@ -292,7 +308,8 @@ def synthesize_consortium(
     with tqdm(total=sites * patients_per_site * records_per_patient, disable=not progress, unit="rec") as bar:
         for site_index, site in enumerate(names):
             rows = _write_site(
-                out / site, site_index, site, patients_per_site, records_per_patient, seed, fs, duration_s, bar
+                out / site, profiles[site_index % len(profiles)], site_index, site, patients_per_site,
+                records_per_patient, seed, fs, duration_s, bar,
             )
             counts[site] = _condition_counts(rows)
     seconds = time.perf_counter() - start
@@ -300,7 +317,7 @@ def synthesize_consortium(
     return {
         "out": str(out),
         "sites": names,
-        "site_kinds": {site: SITE_PROFILES[i % len(SITE_PROFILES)].kind for i, site in enumerate(names)},
+        "site_kinds": {site: profiles[i % len(profiles)].kind for i, site in enumerate(names)},
         "patients": sites * patients_per_site,
         "records": n_records,
         "condition_counts": counts,
@@ -311,6 +328,7 @@ def synthesize_consortium(
 
 def _write_site(
     directory: Path,
+    profile: SiteProfile,
     site_index: int,
     site: str,
     n_patients: int,
@@ -320,7 +338,6 @@ def _write_site(
     duration_s: float,
     bar: tqdm,
 ) -> list[dict[str, str]]:
-    profile = SITE_PROFILES[site_index % len(SITE_PROFILES)]
     prefix = _letters(site_index)
     rows = []
     for patient_index in range(n_patients):
