@@ -7,14 +7,18 @@ interrupted run leaves the previous version of each file intact.
     DIR/{vae,ibe,twin}.safetensors
     DIR/{stage}_state.pt       optimizer, step and random states of an unfinished or finished stage
     DIR/{stage}_loss.jsonl, DIR/{stage}_loss.png
+    DIR/.train.lock            flock-ed by the one training that writes the folder (holds its pid)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,7 +27,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ecgtwin.config import ExperimentConfig, load_config, save_config
-from ecgtwin.errors import MissingInput
+from ecgtwin.errors import MissingInput, UserError
+
+LOCK_FILE = ".train.lock"
+
 
 def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,6 +44,27 @@ def atomic_write(path: Path, data: bytes) -> None:
 class Checkpoint:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder's exclusive training lock, or refuse at once if another process holds it. An
+        flock dies with its process, so a crashed training never leaves the folder locked."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise UserError(f"{self.path}: another training is writing this checkpoint folder ({holder} holds "
+                                f"{LOCK_FILE}); wait for it to finish or use another --out folder") from None
+            handle.truncate(0)
+            handle.write(f"pid {os.getpid()}")
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def weights_path(self, stage: str) -> Path:
         return self.path / f"{stage}.safetensors"

@@ -19,6 +19,7 @@ from ecgtwin.data.preprocess import PreprocessConfig, preprocess
 from ecgtwin.data.record import LEADS, Record, RecordError, Rejected
 from ecgtwin.data.store import StoreWriter, record_row
 from ecgtwin.data.signal import heart_rate
+from ecgtwin.errors import UserError
 
 Kept = tuple[dict, np.ndarray, bool]  # store row, signal, was cropped
 
@@ -57,6 +58,8 @@ def prepare_store(
                     writer.add(row, signal)
                     counts.add_kept(row, cropped)
         bar.close()
+        if not writer.rows:  # an empty store would train nothing, and later fail far from the cause
+            raise UserError(_nothing_usable(source, root, counts))
         summary = counts.summary(writer.rows, time.perf_counter() - started)
         writer.commit(_manifest(source, root, config, reader_options, summary))
     except BaseException:
@@ -129,6 +132,14 @@ class _Counts:
             "seconds": round(seconds, 3),
             "records_per_s": round(len(self.sources_seen) / seconds, 2) if seconds > 0 else None,
         }
+
+
+def _nothing_usable(source: str, root: str | Path, counts: _Counts) -> str:
+    if not counts.rejected:
+        return f"{root}: no {source} records found there; no store written"
+    reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.rejected.items()))
+    return (f"{root}: no usable {source} records, all {sum(counts.rejected.values())} rejected ({reasons}); "
+            "no store written")
 
 
 def _manifest(source: str, root: str | Path, config: PreprocessConfig, options: dict, summary: dict) -> dict:

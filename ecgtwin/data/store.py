@@ -73,6 +73,8 @@ class StoreWriter:
         raw = np.memmap(self._staging / "signals.raw", dtype=np.float32, mode="r",
                         shape=(len(self.rows), *self._shape)) if self.rows else np.zeros((0, *self._shape), np.float32)
         table = pd.DataFrame(self.rows, columns=list(RECORD_COLUMNS))
+        if not ids_are_records(table):  # refuse here what SiteStore would refuse to open
+            check_patient_ids(table, self.out / "records.csv")
         order = table.sort_values(["patient_id", "recording_time", "record_id"], kind="stable").index.to_numpy()
         signals = np.lib.format.open_memmap(self._staging / "signals.npy", mode="w+", dtype=np.float32,
                                             shape=(len(order), *self._shape))
@@ -114,11 +116,13 @@ class SiteStore:
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise UserError(f"{self.path}: store format {self.manifest.get('format_version')}, "
                              f"this ecgtwin reads {FORMAT_VERSION}; prepare it again")
-        self.signals = np.load(self.path / "signals.npy", mmap_mode="r")
-        self.records = pd.read_csv(self.path / "records.csv", dtype={"patient_id": str, "record_id": str},
-                                   keep_default_na=False)
+        self.signals = _open_signals(self.path / "signals.npy", self.manifest["representation"])
+        self.records = _read_records(self.path / "records.csv")
         if len(self.records) != len(self.signals):
-            raise UserError(f"{self.path}: records.csv has {len(self.records)} rows, signals.npy {len(self.signals)}")
+            raise UserError(f"{self.path}: records.csv has {len(self.records)} rows, signals.npy {len(self.signals)}; "
+                             "the store is damaged, prepare it again")
+        if not self.patient_ids_are_records:
+            check_patient_ids(self.records, self.path / "records.csv")
         self._groups = {p: idx.to_numpy() for p, idx in self.records.groupby("patient_id", sort=True).groups.items()}
 
     def __len__(self) -> int:
@@ -128,7 +132,7 @@ class SiteStore:
     def patient_ids_are_records(self) -> bool:
         """True when the source had no patient ids and each recording stands for its own patient (the
         Challenge databases, a flat WFDB folder): patient-level DP is then only record-level DP."""
-        return bool(self.records["extra"].str.contains('"patient_id_from": "record"', regex=False).any())
+        return ids_are_records(self.records)
 
     @property
     def fs(self) -> float:
@@ -144,3 +148,58 @@ class SiteStore:
 
     def rejected(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "rejected.csv", keep_default_na=False)
+
+
+def _open_signals(path: Path, representation: dict) -> np.ndarray:
+    """Memory-map signals.npy; a damaged file is one line naming it (numpy's own message names no file)."""
+    if not path.is_file():
+        raise MissingInput(f"{path}: missing from the store; prepare it again")
+    try:
+        signals = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as exc:  # e.g. "mmap length is greater than file size": truncated
+        raise UserError(f"{path}: unreadable or truncated ({exc}); prepare the store again") from exc
+    expected = (len(representation["leads"]), int(representation["n_samples"]))
+    if signals.ndim != 3 or signals.shape[1:] != expected:
+        raise UserError(f"{path}: holds signals of shape {signals.shape}, the manifest says (n, {expected[0]}, "
+                        f"{expected[1]}); prepare the store again")
+    return signals
+
+
+def _read_records(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise MissingInput(f"{path}: missing from the store; prepare it again")
+    try:
+        records = pd.read_csv(path, dtype={"patient_id": str, "record_id": str}, keep_default_na=False)
+    except ValueError as exc:  # pandas' parser and empty-file errors are ValueErrors
+        raise UserError(f"{path}: unreadable ({exc}); prepare the store again") from exc
+    missing = [c for c in ("record_id", "patient_id", "extra") if c not in records.columns]
+    if missing:
+        raise UserError(f"{path}: missing column {', '.join(missing)}; prepare the store again")
+    return records
+
+
+def ids_are_records(records: pd.DataFrame) -> bool:
+    """Whether a reader marked the records' patient ids as record ids (its source has no patient ids)."""
+    return bool(records["extra"].astype(str).str.contains('"patient_id_from": "record"', regex=False).any())
+
+
+def blank_id(value: object) -> bool:
+    """True for an id that names nobody: empty, or what a missing value turns into as text."""
+    return str(value).strip().lower() in {"", "nan", "none", "null"}
+
+
+def check_patient_ids(records: pd.DataFrame, where: Path) -> None:
+    """Refuse patient ids that would silently merge patients: the privacy unit and the held-out split are
+    per patient, so a blank column must not count as one patient. One patient with many records is real (a
+    PTB folder); one id across records of both sexes is a constant column, not a patient id."""
+    if len(records) < 2:
+        return
+    blank = records["patient_id"].map(blank_id)
+    if blank.any():
+        first = records["record_id"][blank].iloc[0]
+        raise UserError(f"{where}: {int(blank.sum())} of {len(records)} records have no patient_id "
+                        f"(first: {first}); every record needs its patient's id")
+    sexes = set(records["sex"]) - {""} if "sex" in records.columns else set()
+    if records["patient_id"].nunique() == 1 and len(sexes) > 1:
+        raise UserError(f"{where}: every record has patient_id {records['patient_id'].iloc[0]!r}, yet they are of "
+                        f"both sexes: the patient_id column is not a patient id")

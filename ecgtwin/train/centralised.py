@@ -7,10 +7,11 @@ Resuming continues from the last checkpoint with the same batches and noise as a
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 import torch
@@ -32,7 +33,13 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
                 foundation: str | Path | None = None) -> dict:
     """Train `stage` (vae | ibe | twin) into checkpoint folder `out`, resuming if it was interrupted. With
     `foundation` (an `ecgtwin pretrain` folder), the stage starts from its weights and earlier stages the
-    checkpoint lacks are taken from it as they are (frozen)."""
+    checkpoint lacks are taken from it as they are (frozen). One training at a time writes a checkpoint folder."""
+    with Checkpoint(out).lock():
+        return _train_stage(stage, config, store_path, out, progress, on_step, foundation)
+
+
+def _train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path, progress: bool,
+                 on_step: Callable[[int, dict], None] | None, foundation: str | Path | None) -> dict:
     store = SiteStore(store_path)
     check_store(store, config)
     checkpoint = Checkpoint(out)
@@ -63,13 +70,19 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
     bar = tqdm(total=settings.steps, initial=start, desc=f"train {stage}", unit="step", disable=not progress,
                file=sys.stderr)
     built.module.train()
+    saved = start  # the step of the last checkpoint written, which a non-finite step must leave as it is
     for step in range(start, settings.steps):
         loss, extra = built.step_loss(step, rng, generator)
+        value = loss.item()
+        if not math.isfinite(value):
+            _stop(stage, step + 1, f"the loss is {value}", store, checkpoint, saved)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable(built.module), settings.grad_clip)
         optimizer.step()
-        entry = {"step": step + 1, "loss": loss.item(), **extra}
+        if not all(bool(torch.isfinite(p).all()) for p in trainable(built.module)):
+            _stop(stage, step + 1, "the weights are not finite after the optimizer step", store, checkpoint, saved)
+        entry = {"step": step + 1, "loss": value, **extra}
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.4g}")
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
@@ -79,6 +92,7 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
             checkpoint.save_weights(stage, built.module)
             checkpoint.save_state(stage, {"step": step + 1, "optimizer": optimizer.state_dict(),
                                           "numpy_rng": rng.bit_generator.state, "torch_rng": generator.get_state()})
+            saved = step + 1
         if on_step is not None:
             on_step(step + 1, entry)
     bar.close()
@@ -88,6 +102,14 @@ def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, ou
             "train_records_or_patients": built.n_train, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - started, 2),
             "loss_curve": str(checkpoint.path / f"{stage}_loss.png")}
+
+
+def _stop(stage: str, step: int, what: str, store: SiteStore, checkpoint: Checkpoint, saved: int) -> NoReturn:
+    """Stop before a NaN or an infinity reaches the weights on disk: it never trains back out, and a saved
+    broken model would be resumed from, aggregated or exported."""
+    kept = f"its checkpoint of step {saved}" if saved else f"its {stage} weights as they were (this run saved none)"
+    raise UserError(f"train {stage}: step {step}: {what}; stopped, {checkpoint.path} keeps {kept}. Look for "
+                    f"NaN or infinite values in {store.path / 'signals.npy'}, or lower {stage}.lr")
 
 
 def _adopt_foundation(checkpoint: Checkpoint, config: ExperimentConfig, stage: str,
@@ -143,6 +165,12 @@ def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | 
     """`ecgtwin train --policy`: the policy's rounds of DP passes of `stage` at one site, from and into
     checkpoint folder `out`, each charged to the ledger beside the policy. The site-side caches (noise plan,
     statement embeddings, public negatives) stay beside the policy; the DP loss log beside the weights."""
+    with Checkpoint(out).lock():  # the same folder lock as train_stage: one training writes a folder
+        return _train_stage_private(stage, config, store_path, out, policy_path, steps, progress, foundation)
+
+
+def _train_stage_private(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
+                         policy_path: Path, steps: int | None, progress: bool, foundation: str | Path | None) -> dict:
     from ecgtwin.conditioning import PatientInfoNormalizer
     from ecgtwin.privacy import Ledger, ledger_path, load_policy
     from ecgtwin.train.private import private_pass

@@ -31,10 +31,26 @@ class PassResult:
 
 
 def check_store(store: SiteStore, config: ExperimentConfig) -> None:
-    have = store.manifest["representation"]["n_samples"]
+    """The config must fit the store's records: a mismatch is one line naming the store and the config key,
+    not a shape error inside a model."""
+    rep = store.manifest["representation"]
+    have = rep["n_samples"]
     if have != config.data.n_samples:
         raise UserError(f"{store.path}: store holds {have} samples per record, the config expects "
                         f"{config.data.n_samples}; prepare it with --samples {config.data.n_samples}")
+    if abs(float(rep["duration_s"]) - config.data.duration_s) > 1e-9:
+        raise UserError(f"{store.path}: store holds {rep['duration_s']:g} s per record, the config's "
+                        f"data.duration_s is {config.data.duration_s:g}")
+    vae, leads = config.model.vae, store.signals.shape[1]
+    if vae.in_channels != leads:
+        raise UserError(f"{store.path}: store holds {leads}-lead records, the config's model.vae.in_channels "
+                        f"is {vae.in_channels}; set it to {leads}")
+    if have % vae.downsample_factor:
+        raise UserError(f"{store.path}: {have} samples per record is not a multiple of {vae.downsample_factor}, "
+                        f"the VAE's downsampling (config key model.vae.channel_mult)")
+    if config.model.dit.n_tokens != have // vae.downsample_factor:
+        raise UserError(f"{store.path}: records of {have} samples make {have // vae.downsample_factor} latent "
+                        f"tokens, the config's model.dit.n_tokens is {config.model.dit.n_tokens}")
 
 
 def pass_rows(store: SiteStore, config: ExperimentConfig, patients: list[str] | None = None) -> np.ndarray:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import pandas as pd
-
-from ecgtwin.data.readers.common import try_load
+from ecgtwin.data.readers.common import read_table, try_load
 from ecgtwin.data.record import Record, RecordError, Rejected, parse_age, parse_sex
 from ecgtwin.data.wfdb_io import WfdbSignal, header_fields
 
@@ -33,7 +31,7 @@ def _dx_names(root: Path) -> dict[str, str]:
     """SNOMED code -> name from the Challenge's dx_mapping_*.csv files, where present."""
     names: dict[str, str] = {}
     for path in sorted(root.rglob("dx_mapping_*.csv")):
-        table = pd.read_csv(path, dtype=str)
+        table = read_table(path, ("SNOMEDCTCode", "Dx"), keep_default_na=True)
         names.update(zip(table["SNOMEDCTCode"], table["Dx"]))
     return names
 

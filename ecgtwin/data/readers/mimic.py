@@ -6,9 +6,7 @@ import datetime as dt
 import functools
 from pathlib import Path
 
-import pandas as pd
-
-from ecgtwin.data.readers.common import load_with_metadata, optional_float
+from ecgtwin.data.readers.common import load_with_metadata, optional_float, patient_id, read_table
 from ecgtwin.data.record import Rejected
 from ecgtwin.errors import MissingInput
 
@@ -19,7 +17,7 @@ def scan(root: Path, **_: object) -> tuple[list, list[Rejected]]:
     record_list = root / "record_list.csv"
     if not record_list.is_file():
         raise MissingInput(f"{record_list}: not a MIMIC-IV-ECG folder (record_list.csv missing)")
-    records = pd.read_csv(record_list, dtype=str, keep_default_na=False)
+    records = read_table(record_list, ("study_id", "subject_id", "path"))
     measurements = _measurements(root / "machine_measurements.csv")
     tasks, rejected = [], []
     for row in records.to_dict("records"):
@@ -36,7 +34,7 @@ def scan(root: Path, **_: object) -> tuple[list, list[Rejected]]:
 def _measurements(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = read_table(path, ["study_id"])
     return {row["study_id"]: row for row in table.to_dict("records")}
 
 
@@ -46,7 +44,7 @@ def _metadata(row: dict, measured: dict) -> dict:
     rr_ms = optional_float(measured.get("rr_interval"))
     return dict(
         record_id=f"mimic-{row['study_id']}",
-        patient_id=str(row["subject_id"]),
+        patient_id=patient_id(row["subject_id"]),
         recording_time=dt.datetime.fromisoformat(row["ecg_time"]) if row.get("ecg_time") else None,
         report=". ".join(statements),
         hr=60000.0 / rr_ms if rr_ms and rr_ms > 0 else None,

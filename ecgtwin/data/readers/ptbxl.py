@@ -7,13 +7,12 @@ import datetime as dt
 import functools
 from pathlib import Path
 
-import pandas as pd
-
-from ecgtwin.data.readers.common import load_with_metadata, optional_float
+from ecgtwin.data.readers.common import load_with_metadata, optional_float, read_table
 from ecgtwin.data.record import Rejected, parse_age, parse_sex
 from ecgtwin.errors import UserError, MissingInput
 
 RATES = {100: "filename_lr", 500: "filename_hr"}
+COLUMNS = ("ecg_id", "patient_id", "scp_codes", "recording_date", "age", "sex", "report", "site", "strat_fold")
 
 
 def scan(root: Path, rate: int = 500, **_: object) -> tuple[list, list[Rejected]]:
@@ -22,7 +21,7 @@ def scan(root: Path, rate: int = 500, **_: object) -> tuple[list, list[Rejected]
     database = root / "ptbxl_database.csv"
     if not database.is_file():
         raise MissingInput(f"{database}: not a PTB-XL folder (ptbxl_database.csv missing)")
-    table = pd.read_csv(database, dtype=str, keep_default_na=False)
+    table = read_table(database, (*COLUMNS, RATES[rate]))
     statements = _statement_names(root / "scp_statements.csv")
     tasks, rejected = [], []
     for row in table.to_dict("records"):
@@ -39,7 +38,7 @@ def _statement_names(path: Path) -> dict[str, str]:
     """SCP code -> English description, used for an English report next to the original text."""
     if not path.is_file():
         return {}
-    table = pd.read_csv(path, index_col=0)
+    table = read_table(path, ["description"], index_col=0)
     return {str(code): str(desc) for code, desc in table["description"].items()}
 
 

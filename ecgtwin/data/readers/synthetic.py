@@ -9,11 +9,9 @@ import datetime as dt
 import functools
 from pathlib import Path
 
-import pandas as pd
-
-from ecgtwin.data.readers.common import load_with_metadata, optional_float
+from ecgtwin.data.readers.common import load_with_metadata, optional_float, patient_id, read_table
 from ecgtwin.data.record import Rejected, parse_age, parse_sex
-from ecgtwin.errors import UserError, MissingInput
+from ecgtwin.errors import MissingInput
 
 COLUMNS = ("record", "patient_id", "site", "conditions", "report", "hr", "age", "sex")
 
@@ -24,10 +22,7 @@ def scan(root: Path, **_: object) -> tuple[list, list[Rejected]]:
         raise MissingInput(f"{root}: no metadata.csv here or in its site folders (not a synthetic consortium)")
     tasks, rejected = [], []
     for table_path in tables:
-        table = pd.read_csv(table_path, dtype=str, keep_default_na=False)
-        missing = [c for c in COLUMNS if c not in table.columns]
-        if missing:
-            raise UserError(f"{table_path}: missing columns {', '.join(missing)}")
+        table = read_table(table_path, COLUMNS)
         for row in table.to_dict("records"):
             try:
                 meta = _metadata(row)
@@ -43,7 +38,7 @@ def _metadata(row: dict) -> dict:
     time = row.get("recording_time", "")
     return dict(
         record_id=f"synth-{row['record']}",
-        patient_id=row["patient_id"],
+        patient_id=patient_id(row["patient_id"]),
         site=row["site"],
         report=row["report"],
         labels={c: 100.0 for c in conditions},
