@@ -49,6 +49,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N")
+
+
+def resolve_device(spec: str):
+    from ecgtwin.device import resolve_device as resolve  # torch is imported only by commands that compute
+
+    return resolve(spec)
+
+
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
@@ -137,6 +147,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "stages the checkpoint lacks are taken from it, frozen)")
     p.add_argument("--policy", type=Path, help="train with patient-level DP-SGD under this site privacy policy: the "
                    "policy's rounds x local steps of the stage, each round charged to the ledger beside it")
+    _device(p)
     _common(p)
     p.set_defaults(run=_run_train)
 
@@ -153,14 +164,15 @@ def _run_train(args: argparse.Namespace) -> dict:
     if args.policy is not None:
         return _train_private(args, config)
     return train_stage(args.stage, config, args.store, args.out, progress=not args.no_progress,
-                       foundation=args.foundation)
+                       foundation=args.foundation, device=resolve_device(args.device))
 
 
 def _train_private(args: argparse.Namespace, config) -> dict:
     from ecgtwin.train.centralised import train_stage_private
 
     return train_stage_private(args.stage, config, args.store, args.out, args.policy, steps=args.steps,
-                               progress=not args.no_progress, foundation=args.foundation)
+                               progress=not args.no_progress, foundation=args.foundation,
+                               device=resolve_device(args.device))
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -192,6 +204,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-fs", type=float, help="sampling rate of the written twins (default 500 Hz)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same twins")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    _device(p)
     _common(p)
     p.set_defaults(run=_run_generate)
 
@@ -201,7 +214,7 @@ def _run_generate(args: argparse.Namespace) -> dict:
 
     if args.num < 1:
         raise UserError("-n must be at least 1")
-    generator = TwinGenerator(args.checkpoint)
+    generator = TwinGenerator(args.checkpoint, device=resolve_device(args.device))
     reference = read_reference(args.reference, generator.preprocess, args.reference_report)
     ref = reference.condition
     report = args.report if args.report is not None else edit_report(
@@ -236,6 +249,7 @@ def _add_cohort(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    _device(p)
     _common(p)
     p.set_defaults(run=_run_cohort)
 
@@ -245,7 +259,7 @@ def _run_cohort(args: argparse.Namespace) -> dict:
 
     return generate_cohort(args.checkpoint, args.store, args.report, args.out, patients=args.patients,
                            n=args.num, steps=args.steps, guidance_condition=args.guidance, seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, device=resolve_device(args.device))
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -450,6 +464,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patients", type=int, default=200, help="synthetic: patients of the public population")
     p.add_argument("--records-per-patient", type=int, default=3, help="synthetic: ECGs per patient")
     p.add_argument("--rate", type=int, choices=[100, 500], help="ptbxl: which copy of the records to read")
+    _device(p)
     _common(p)
     p.set_defaults(run=_run_pretrain)
 
@@ -460,7 +475,8 @@ def _run_pretrain(args: argparse.Namespace) -> dict:
 
     return pretrain(load_config(args.config), args.source, args.out, root=args.root, patients=args.patients,
                     records_per_patient=args.records_per_patient, rate=args.rate,
-                    command=["ecgtwin", *sys.argv[1:]] if sys.argv[1:] else None, progress=not args.no_progress)
+                    command=["ecgtwin", *sys.argv[1:]] if sys.argv[1:] else None, progress=not args.no_progress,
+                    device=resolve_device(args.device))
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -507,6 +523,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-patients", type=int, help="at most this many twin patients")
     p.add_argument("--no-downstream", action="store_true", help="skip the personalised-monitor experiment")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    _device(p)
     _common(p)
     p.set_defaults(run=_run_evaluate)
 
@@ -518,7 +535,8 @@ def _run_evaluate(args: argparse.Namespace) -> dict:
                             sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                             encoder_steps=args.encoder_steps, encoder_cache=args.encoder_cache,
                             encoder_store=args.encoder_store, max_patients=args.max_patients,
-                            downstream=not args.no_downstream, seed=args.seed, progress=not args.no_progress)
+                            downstream=not args.no_downstream, seed=args.seed, progress=not args.no_progress,
+                            device=resolve_device(args.device))
     if args.json:
         return result
     keep = ("fid", "precision", "recall", "f1", "clip_score", "hr_mae", "condition_accuracy", "similarity",

@@ -66,6 +66,9 @@ class Conditions:
     mask: torch.Tensor
     patient: torch.Tensor
 
+    def to(self, device: torch.device | str) -> "Conditions":
+        return Conditions(self.statements.to(device), self.mask.to(device), self.patient.to(device))
+
     def tokens(self, index: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (b, S, E + 3), mask (b, S)) for the selected records."""
         index = slice(None) if index is None else index

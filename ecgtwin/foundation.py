@@ -53,7 +53,7 @@ def public_store(source: str, root: Path | None, out: Path, config: ExperimentCo
 
 def pretrain(config: ExperimentConfig, source: str, out: str | Path, root: Path | None = None, patients: int = 200,
              records_per_patient: int = 3, rate: int | None = None, command: list[str] | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, device: str = "cpu") -> dict:
     """Train the three stages non-privately on public data into the foundation folder `out`; returns the card."""
     out = Path(out)
     # a foundation is the whole model: every stage trained in full, whatever a fine-tuning config says
@@ -64,7 +64,8 @@ def pretrain(config: ExperimentConfig, source: str, out: str | Path, root: Path 
         checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
     with tempfile.TemporaryDirectory(prefix="ecgtwin-public-") as tmp:  # the corpus' store is not part of it
         store = public_store(source, root, Path(tmp) / "store", config, patients, records_per_patient, rate, progress)
-        stages = {stage: train_stage(stage, config, store.path, out, progress=progress) for stage in STAGES}
+        stages = {stage: train_stage(stage, config, store.path, out, progress=progress, device=device)
+                  for stage in STAGES}
         records, patient_count = len(store), len(store.patients)
     for stage in STAGES:  # optimiser states: only for resuming an interrupted pretraining
         (out / f"{stage}_state.pt").unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, ledger_path, load_policy
 from ecgtwin.privacy.ledger import LedgerDamaged
 from ecgtwin.train.result import PassResult
+from ecgtwin.device import resolve_device
 from ecgtwin.weights import trainable_part, trainable_shapes
 from ecgtwin.errors import UserError, MissingInput
 
@@ -108,9 +109,10 @@ def site_paths(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | N
 
 class Site:
     def __init__(self, data_path: str | Path, policy_path: str | Path, state_path: str | Path | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, device: str = "auto") -> None:
         self.store_path = Path(data_path)
         self.policy_path = Path(policy_path)
+        self.device = device  # where its passes compute: the SuperNode's node config `device` (auto|cpu|cuda[:N])
         self.policy = load_policy(self.policy_path)
         if not self.store_path.is_dir():
             raise MissingInput(f"{self.store_path}: site store does not exist")
@@ -127,7 +129,8 @@ class Site:
     def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None,
                          progress: bool = False) -> "Site":
         paths = site_paths(node_config, run_config)
-        return cls(paths["data"], paths["policy"], paths["state"], progress=progress)
+        return cls(paths["data"], paths["policy"], paths["state"], progress=progress,
+                   device=str(node_config.get("device", "auto")))
 
     def train(self, stage: str, server_round: int, run_id: str, config_yaml: str,
               weights: Mapping[str, Mapping[str, np.ndarray]],
@@ -192,16 +195,17 @@ class Site:
     def _pass(self, stage: str, config: ExperimentConfig, weights: dict, server_round: int, steps: int,
               run_id: str, proximal_mu: float = 0.0, key: str | None = None) -> PassResult:
         store = SiteStore(self.store_path)
+        device = resolve_device(self.device)
         if self.policy.private:
             from ecgtwin.train.private import private_pass
 
             return private_pass(stage, config, store, weights, self.policy, self.ledger, round=server_round,
                                 steps=steps, run=run_id, proximal_mu=proximal_mu, cache_dir=self.cache,
-                                progress=self.progress, charge_key=key)
+                                progress=self.progress, charge_key=key, device=device)
         from ecgtwin.train.local import local_pass
 
         return local_pass(stage, config, store, weights, steps, round=server_round, proximal_mu=proximal_mu,
-                          cache_dir=self.cache, progress=self.progress)
+                          cache_dir=self.cache, progress=self.progress, device=device)
 
     def _keep(self, config: ExperimentConfig, received: dict, result: PassResult) -> None:
         """The site's own record of the pass: its local log, and the weights it had and made (a checkpoint

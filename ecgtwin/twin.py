@@ -111,7 +111,7 @@ def read_reference(path: str | Path, preprocess_config: PreprocessConfig, report
 class TwinGenerator:
     """The three trained models of a checkpoint, ready to generate twins."""
 
-    def __init__(self, checkpoint_dir: str | Path, device: str = "cpu") -> None:
+    def __init__(self, checkpoint_dir: str | Path, device: torch.device | str = "cpu") -> None:
         self.checkpoint = Checkpoint(checkpoint_dir)
         if not self.checkpoint.path.is_dir():
             raise MissingInput(f"{self.checkpoint.path}: checkpoint folder does not exist")
@@ -220,9 +220,10 @@ def reference_from_store(store: SiteStore, row: int) -> Reference:
 
 def generate_cohort(checkpoint_dir: str | Path, store_path: str | Path, reports: list[str], out: str | Path,
                     patients: int = 10, n: int = 2, steps: int | None = None,
-                    guidance_condition: float | None = None, seed: int = 0, progress: bool = True) -> dict:
+                    guidance_condition: float | None = None, seed: int = 0, progress: bool = True,
+                    device: torch.device | str = "cpu") -> dict:
     """Twins of the first `patients` patients of a store (earliest ECG as reference) under each report."""
-    generator = TwinGenerator(checkpoint_dir)
+    generator = TwinGenerator(checkpoint_dir, device=device)
     store = SiteStore(store_path)
     out = Path(out)
     rows = []

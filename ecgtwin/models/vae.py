@@ -175,7 +175,8 @@ class ECGVAE(nn.Module):
         mean, logvar = self.encode(x)
         if sample:
             if noise is None:
-                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+                where = generator.device if generator is not None else mean.device  # a CPU seed on any device
+                noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=where).to(mean.device)
             z = mean + noise * (0.5 * logvar).exp()
         else:
             z = mean

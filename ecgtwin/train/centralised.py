@@ -30,16 +30,17 @@ from ecgtwin.weights import module_weights, start_from as foundation_start
 
 def train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
                 progress: bool = True, on_step: Callable[[int, dict], None] | None = None,
-                foundation: str | Path | None = None) -> dict:
+                foundation: str | Path | None = None, device: torch.device | str = "cpu") -> dict:
     """Train `stage` (vae | ibe | twin) into checkpoint folder `out`, resuming if it was interrupted. With
     `foundation` (an `ecgtwin pretrain` folder), the stage starts from its weights and earlier stages the
     checkpoint lacks are taken from it as they are (frozen). One training at a time writes a checkpoint folder."""
     with Checkpoint(out).lock():
-        return _train_stage(stage, config, store_path, out, progress, on_step, foundation)
+        return _train_stage(stage, config, store_path, out, progress, on_step, foundation, device)
 
 
 def _train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path, progress: bool,
-                 on_step: Callable[[int, dict], None] | None, foundation: str | Path | None) -> dict:
+                 on_step: Callable[[int, dict], None] | None, foundation: str | Path | None,
+                 device: torch.device | str) -> dict:
     store = SiteStore(store_path)
     check_store(store, config)
     checkpoint = Checkpoint(out)
@@ -58,7 +59,8 @@ def _train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, o
             weights[stage] = start_from
     rng, generator, start = np.random.default_rng(settings.seed), torch.Generator().manual_seed(settings.seed), 0
     ref_rng = np.random.default_rng(settings.seed)  # which other ECG of a patient is its reference (twin)
-    built = build_stage(stage, config, store, rows, weights, _conditioner(config, checkpoint, store, rows), ref_rng)
+    built = build_stage(stage, config, store, rows, weights, _conditioner(config, checkpoint, store, rows), ref_rng,
+                        device)
     optimizer = torch.optim.AdamW(trainable(built.module), lr=settings.lr, weight_decay=settings.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -161,16 +163,17 @@ __all__ = ["train_stage", "check_or_save_config", "module_weights"]
 
 def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
                         policy_path: Path, steps: int | None = None, progress: bool = True,
-                        foundation: str | Path | None = None) -> dict:
+                        foundation: str | Path | None = None, device: torch.device | str = "cpu") -> dict:
     """`ecgtwin train --policy`: the policy's rounds of DP passes of `stage` at one site, from and into
     checkpoint folder `out`, each charged to the ledger beside the policy. The site-side caches (noise plan,
     statement embeddings, public negatives) stay beside the policy; the DP loss log beside the weights."""
     with Checkpoint(out).lock():  # the same folder lock as train_stage: one training writes a folder
-        return _train_stage_private(stage, config, store_path, out, policy_path, steps, progress, foundation)
+        return _train_stage_private(stage, config, store_path, out, policy_path, steps, progress, foundation, device)
 
 
 def _train_stage_private(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
-                         policy_path: Path, steps: int | None, progress: bool, foundation: str | Path | None) -> dict:
+                         policy_path: Path, steps: int | None, progress: bool, foundation: str | Path | None,
+                         device: torch.device | str) -> dict:
     from ecgtwin.conditioning import PatientInfoNormalizer
     from ecgtwin.privacy import Ledger, ledger_path, load_policy
     from ecgtwin.train.private import private_pass
@@ -191,7 +194,7 @@ def _train_stage_private(stage: str, config: ExperimentConfig, store_path: str |
     summaries = []
     for rnd in range(1, plan.rounds + 1):
         result = private_pass(stage, config, store, weights, policy, ledger, round=rnd, steps=steps,
-                              cache_dir=cache, progress=progress)
+                              cache_dir=cache, progress=progress, device=device)
         weights[stage] = result.weights
         checkpoint.save_arrays(stage, result.weights)
         with (checkpoint.path / f"dp_{stage}_loss.jsonl").open("a") as f:

@@ -16,6 +16,7 @@ import torch
 
 from ecgtwin.conditioning import Conditioner, Conditions, store_conditions
 from ecgtwin.data.store import SiteStore
+from ecgtwin.device import module_device
 from ecgtwin.errors import UserError
 from ecgtwin.models import LATENT_SCALE, ECGVAE, IndividualBaseExtractor
 
@@ -24,7 +25,8 @@ from ecgtwin.models import LATENT_SCALE, ECGVAE, IndividualBaseExtractor
 def encode_latents(vae: ECGVAE, signals: np.ndarray, batch_size: int = 64) -> torch.Tensor:
     """The frozen VAE's posterior means, scaled by LATENT_SCALE: what the IBE and the DiT see."""
     vae.eval()
-    out = [vae.encode(torch.as_tensor(np.asarray(signals[i:i + batch_size]), dtype=torch.float32))[0]
+    device = module_device(vae)  # computed once per pass, on the pass's device, and kept there
+    out = [vae.encode(torch.as_tensor(np.asarray(signals[i:i + batch_size]), dtype=torch.float32).to(device))[0]
            for i in range(0, len(signals), batch_size)]
     return torch.cat(out) * LATENT_SCALE
 
@@ -78,7 +80,7 @@ class IBEInputs:
 
 def ibe_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, conditioner: Conditioner) -> IBEInputs:
     latents = encode_latents(vae, store.signals[rows])
-    conditions = store_conditions(store.records.iloc[rows], conditioner)
+    conditions = store_conditions(store.records.iloc[rows], conditioner).to(latents.device)
     local = {row: i for i, row in enumerate(rows)}
     pairs = earlier_later_pairs(store, rows)
     if len(pairs) < 2:
@@ -103,7 +105,7 @@ def twin_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, ibe: Individual
                 conditioner: Conditioner, rng_of: Callable[[str], np.random.Generator]) -> TwinInputs:
     """Latents, conditions and the base vector of each row's reference ECG (picked with `rng_of`)."""
     latents = encode_latents(vae, store.signals[rows])
-    conditions = store_conditions(store.records.iloc[rows], conditioner)
+    conditions = store_conditions(store.records.iloc[rows], conditioner).to(latents.device)
     base_all = base_vectors(ibe, latents, conditions)
     local = {row: i for i, row in enumerate(rows)}
     refs = np.array([local[r] for r in reference_rows(store, rows, rng_of)])

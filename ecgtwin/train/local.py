@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ecgtwin.conditioning import Conditioner, PatientInfoNormalizer, conditioner_from
 from ecgtwin.config import ExperimentConfig
+from ecgtwin.device import module_device
 from ecgtwin.data.store import SiteStore
 from ecgtwin.models import GaussianDiffusion, kl_weight_at
 from ecgtwin.train import inputs as stage_inputs
@@ -40,10 +41,11 @@ class Stage:
 
 
 def build_stage(stage: str, config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-                conditioner: Conditioner, rng: np.random.Generator) -> Stage:
-    """The stage's module (from `weights[stage]`, or fresh) and its step loss on the store's `rows`."""
-    frozen = frozen_stages(stage, config, weights)
-    module = select_trainable(module_from(stage, config, weights.get(stage)), stage, config)
+                conditioner: Conditioner, rng: np.random.Generator, device: torch.device | str = "cpu") -> Stage:
+    """The stage's module (from `weights[stage]`, or fresh) on `device` and its step loss on the store's
+    `rows` (batches moved to the device; their random draws stay on the CPU)."""
+    frozen = frozen_stages(stage, config, weights, device)
+    module = select_trainable(module_from(stage, config, weights.get(stage)), stage, config).to(device)
     return _BUILDERS[stage](config, store, rows, module, frozen, conditioner, rng)
 
 
@@ -55,7 +57,7 @@ def population_conditioner(config: ExperimentConfig, cache_dir: Path | None) -> 
 
 def local_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: StageWeights, steps: int,
                round: int = 1, patients: list[str] | None = None, proximal_mu: float = 0.0,
-               cache_dir: Path | None = None, progress: bool = False) -> PassResult:
+               cache_dir: Path | None = None, progress: bool = False, device: torch.device | str = "cpu") -> PassResult:
     """`steps` non-private steps of `stage` from `weights[stage]` (fresh weights if absent), on the store's
     training patients (or `patients`)."""
     check_store(store, config)
@@ -63,7 +65,7 @@ def local_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: 
     rows = pass_rows(store, config, patients)
     seed = settings.seed + 1000 * round
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    built = build_stage(stage, config, store, rows, weights, population_conditioner(config, cache_dir), rng)
+    built = build_stage(stage, config, store, rows, weights, population_conditioner(config, cache_dir), rng, device)
     optimizer = torch.optim.AdamW(trainable(built.module), lr=settings.lr, weight_decay=settings.weight_decay)
     pull = proximal_step(built.module, settings.lr, proximal_mu)
     log, started = [], time.perf_counter()
@@ -113,7 +115,8 @@ def _vae_stage(config, store, rows, vae, frozen, conditioner, rng) -> Stage:
     def step_loss(step: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         index = rng.choice(len(rows), size=min(settings.batch_size, len(rows)), replace=False)
         kl_weight = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
-        return vae_batch_loss(vae, signals[index], kl_weight, generator).mean(), {"kl_weight": kl_weight}
+        batch = signals[index].to(module_device(vae))
+        return vae_batch_loss(vae, batch, kl_weight, generator).mean(), {"kl_weight": kl_weight}
 
     return Stage(vae, step_loss, len(rows))
 

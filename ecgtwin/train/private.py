@@ -76,7 +76,8 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                  policy: PrivacyPolicy, ledger: Ledger, round: int = 1, steps: int | None = None,
                  run: str = "", patients: list[str] | None = None, proximal_mu: float = 0.0,
                  cache_dir: Path | None = None, progress: bool = False,
-                 on_step: Callable[[int, dict], None] | None = None, charge_key: str | None = None) -> PassResult:
+                 on_step: Callable[[int, dict], None] | None = None, charge_key: str | None = None,
+                 device: torch.device | str = "cpu") -> PassResult:
     """`steps` DP-SGD steps of `stage` (default: the policy's local_steps) from `weights[stage]` (fresh
     weights if absent), the earlier stages frozen at `weights[...]`. `patients` restricts training to
     those patients (the membership audit); by default the store's training patients.
@@ -93,7 +94,7 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                         "to train with that weaker guarantee")
     rows = pass_rows(store, config, patients)
     rand = pass_randomness(policy, stage, round)
-    built = _BUILDERS[stage](config, store, rows, weights, policy, rand, cache_dir)
+    built = _BUILDERS[stage](config, store, rows, weights, policy, rand, cache_dir, torch.device(device))
     n = len(set(store.records.patient_id.to_numpy()[rows]))
     population = policy.declared_population(n, where)
     # q = batch / the PUBLIC population, the same in every stage (the plan assumes it); a patient with
@@ -103,7 +104,7 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
     steps = steps or policy.stage(stage).local_steps
     settings = config.stage(stage)
     pull = proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
-    with dp_step(built, policy, settings, q * population, sigma, rand.pass_generator()) as step_fn:
+    with dp_step(built, policy, settings, q * population, sigma, rand.pass_generator(device)) as step_fn:
         entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run, key=charge_key)
         started, losses, used_patients, used_records, skipped, log = time.perf_counter(), [], set(), 0, 0, []
         bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
@@ -169,7 +170,7 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
 
     def noise_only() -> None:  # nobody sampled (or usable): the step is noise only, as accounted
         for p in params:
-            p.grad_sample = torch.zeros((0, *p.shape))
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
             if mode == "ghost":
                 p.grad = torch.zeros_like(p)
         optimizer.step()
@@ -224,14 +225,15 @@ def resolved_mode(built: PrivateStage, policy: PrivacyPolicy) -> str:
 
 def group_grad_samples(params: list[torch.nn.Parameter], row_unit: torch.Tensor, n_units: int) -> None:
     """Sum Opacus' per-row gradients into one gradient per patient (what DP-SGD then clips)."""
-    identity = len(row_unit) == n_units and bool((row_unit == torch.arange(n_units)).all())
+    identity = len(row_unit) == n_units and bool((row_unit.cpu() == torch.arange(n_units)).all())
     for p in params:
         if identity and not isinstance(p.grad_sample, list):
             continue  # one row per patient already (1 record, VAE/twin): nothing to sum
         rows = p.grad_sample
         if isinstance(rows, list):
             rows = torch.stack(rows).sum(0)
-        p.grad_sample = torch.zeros((n_units, *rows.shape[1:]), dtype=rows.dtype).index_add_(0, row_unit, rows)
+        p.grad_sample = torch.zeros((n_units, *rows.shape[1:]), dtype=rows.dtype,
+                                    device=rows.device).index_add_(0, row_unit.to(rows.device), rows)
 
 
 def zero_non_finite(params: list[torch.nn.Parameter]) -> int:
@@ -263,8 +265,9 @@ def _flatten(picks: list[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _per_unit_mean(row_loss: torch.Tensor, unit: torch.Tensor, n_units: int) -> torch.Tensor:
-    counts = torch.zeros(n_units).index_add_(0, unit, torch.ones(len(unit)))
-    return torch.zeros(n_units).index_add_(0, unit, row_loss) / counts
+    zeros = torch.zeros(n_units, device=row_loss.device, dtype=row_loss.dtype)
+    counts = zeros.index_add(0, unit, torch.ones(len(unit), device=row_loss.device, dtype=row_loss.dtype))
+    return zeros.index_add(0, unit, row_loss) / counts
 
 
 def _rows_from(rand: PatientRandomness, purpose: str, step: int, picks: list[Unit], draw) -> torch.Tensor:
@@ -277,8 +280,8 @@ def _rows_from(rand: PatientRandomness, purpose: str, step: int, picks: list[Uni
 
 
 def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None) -> PrivateStage:
-    vae = select_trainable(module_from("vae", config, weights.get("vae")), "vae", config)
+         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None, device: torch.device) -> PrivateStage:
+    vae = select_trainable(module_from("vae", config, weights.get("vae")), "vae", config).to(device)
     signals = torch.from_numpy(np.asarray(store.signals[rows]))
     settings = config.vae
     latent = (config.model.vae.latent_channels, config.data.n_samples // vae.cfg.downsample_factor)
@@ -286,21 +289,23 @@ def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
     def unit_loss(picks: list[Unit], step: int):
         index, unit = _flatten(picks)
         kl = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
-        noise = _rows_from(rand, "vae-noise", step, picks, lambda g: torch.randn(latent, generator=g))
-        return _per_unit_mean(vae_batch_loss(vae, signals[index], kl, noise=noise), unit, len(picks)), unit
+        noise = _rows_from(rand, "vae-noise", step, picks, lambda g: torch.randn(latent, generator=g)).to(device)
+        unit = unit.to(device)
+        return _per_unit_mean(vae_batch_loss(vae, signals[index].to(device), kl, noise=noise), unit, len(picks)), unit
 
     return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True)
 
 
 def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None) -> PrivateStage:
-    (vae,) = frozen_stages("ibe", config, weights)
+         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None, device: torch.device) -> PrivateStage:
+    (vae,) = frozen_stages("ibe", config, weights, device)
     conditioner = population_conditioner(config, cache_dir)
     inputs = stage_inputs.ibe_inputs(store, rows, vae, conditioner)
     pub_latents, pub_conditions = public_negatives(config, vae, conditioner,
                                                    cache_dir / "public-negatives" if cache_dir else None)
+    pub_latents, pub_conditions = pub_latents.to(device), pub_conditions.to(device)
     m = policy.public_negatives
-    ibe = select_trainable(module_from("ibe", config, weights.get("ibe")), "ibe", config)
+    ibe = select_trainable(module_from("ibe", config, weights.get("ibe")), "ibe", config).to(device)
     units = [(p, np.array(v, dtype=int)) for p, v in sorted(inputs.by_patient.items())]
 
     def unit_loss(picks: list[Unit], step: int):
@@ -313,30 +318,31 @@ def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
         loss = ibe_private_loss(ibe, (inputs.latents[ref], *inputs.conditions.tokens(ref)),
                                 (inputs.latents[tgt], *inputs.conditions.tokens(tgt)),
                                 (pub_latents[neg], *pub_conditions.tokens(neg)), config.ibe.temperature)
-        b = torch.arange(len(picks))
+        b = torch.arange(len(picks), device=device)
         return loss, torch.cat([b, b, b.repeat_interleave(m)])
 
     return PrivateStage(ibe, units, unit_loss, one_row_per_unit=False)
 
 
 def _twin(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-          policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None) -> PrivateStage:
+          policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None, device: torch.device) -> PrivateStage:
     settings = config.twin
-    vae, ibe = frozen_stages("twin", config, weights)
+    vae, ibe = frozen_stages("twin", config, weights, device)
     data = stage_inputs.twin_inputs(store, rows, vae, ibe, population_conditioner(config, cache_dir),
                                     lambda patient: rand.numpy("reference", -1, patient))
-    denoiser = select_trainable(module_from("twin", config, weights.get("twin")), "twin", config)
+    denoiser = select_trainable(module_from("twin", config, weights.get("twin")), "twin", config).to(device)
     diffusion = GaussianDiffusion(config.model.diffusion)
     draws, shape = settings.noise_draws, tuple(data.latents.shape[1:])
 
     def unit_loss(picks: list[Unit], step: int):
         index, unit = _flatten(picks)
+        unit = unit.to(device)
         tokens, mask = data.conditions.tokens(index)
-        drops = _rows_from(rand, "dropout", step, picks, lambda g: torch.rand(2, generator=g))
+        drops = _rows_from(rand, "dropout", step, picks, lambda g: torch.rand(2, generator=g)).to(device)
         t = _rows_from(rand, "timestep", step, picks,
-                       lambda g: torch.randint(0, diffusion.num_steps, (draws,), generator=g)).T
+                       lambda g: torch.randint(0, diffusion.num_steps, (draws,), generator=g)).T.to(device)
         noise = _rows_from(rand, "noise", step, picks,
-                           lambda g: torch.randn((draws, *shape), generator=g)).transpose(0, 1)
+                           lambda g: torch.randn((draws, *shape), generator=g)).transpose(0, 1).to(device)
         row_loss = twin_loss_at(denoiser, diffusion, data.latents[index], data.base[index], tokens, mask,
                                 drops[:, 0] < settings.base_dropout, drops[:, 1] < settings.cond_dropout, t, noise)
         return _per_unit_mean(row_loss, unit, len(picks)), unit

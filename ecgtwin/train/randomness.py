@@ -43,6 +43,7 @@ class PatientRandomness:
     def torch(self, purpose: str, step: int, patient: str) -> torch.Generator:
         return torch.Generator().manual_seed(self._seed(purpose, step, patient))
 
-    def pass_generator(self) -> torch.Generator:
-        """The DP optimizer's noise (the same for all patients by nature: it is added once per step)."""
-        return torch.Generator().manual_seed(self._seed("optimizer-noise", -1, ""))
+    def pass_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """The DP optimizer's noise (the same for all patients by nature: it is added once per step), on the
+        device of the parameters it is added to."""
+        return torch.Generator(device=device).manual_seed(self._seed("optimizer-noise", -1, ""))

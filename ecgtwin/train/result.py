@@ -7,6 +7,7 @@ import dataclasses
 from typing import Mapping
 
 import numpy as np
+import torch
 
 from ecgtwin.config import STAGES, ExperimentConfig
 from ecgtwin.data.store import SiteStore
@@ -61,14 +62,15 @@ def pass_rows(store: SiteStore, config: ExperimentConfig, patients: list[str] | 
     return training_rows(store, config.data.held_out_fraction, config.data.split_seed)
 
 
-def frozen_stages(stage: str, config: ExperimentConfig, weights: StageWeights) -> list:
-    """The frozen modules `stage` builds on (VAE for the IBE; VAE and IBE for the twin stage)."""
+def frozen_stages(stage: str, config: ExperimentConfig, weights: StageWeights,
+                  device: torch.device | str = "cpu") -> list:
+    """The frozen modules `stage` builds on (VAE for the IBE; VAE and IBE for the twin stage), on `device`."""
     needed = STAGES[: STAGES.index(stage)]
     missing = [s for s in needed if not weights.get(s)]
     if missing:
         raise MissingInput(f"stage {stage} needs the trained {', '.join(missing)} weights "
                         f"(train them first: ecgtwin train --stage {missing[0]} ...)")
-    return [frozen(load_weights_into(build_module(s, config), weights[s])) for s in needed]
+    return [frozen(load_weights_into(build_module(s, config), weights[s])).to(device) for s in needed]
 
 
 def frozen_vae(config: ExperimentConfig, weights: Weights) -> ECGVAE:

@@ -1,0 +1,38 @@
+"""Where a command computes: the one place that turns `--device auto|cpu|cuda[:N]` into a torch device.
+
+Models, batches and the DP optimiser's noise live on that device. The per-patient random draws of a DP pass
+and the training batches' generators stay on the CPU, so that a seed means the same numbers on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ecgtwin.errors import UserError
+
+CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(spec: str | None = "auto") -> torch.device:
+    """`auto` takes the first CUDA device when there is one, else the CPU; `cuda[:N]` must exist."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        index = spec.partition(":")[2]
+        if index and not index.isdigit():
+            raise UserError(f"device {spec!r}: expected {CHOICES}")
+        if not torch.cuda.is_available():
+            raise UserError(f"device {spec!r}: this machine has no CUDA device (torch {torch.__version__}); "
+                            "use --device cpu or auto")
+        if index and int(index) >= torch.cuda.device_count():
+            raise UserError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device(spec)
+    raise UserError(f"device {spec!r}: expected {CHOICES}")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device a module's parameters live on (the CPU for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
