@@ -4,7 +4,9 @@
 
 Each simulated SuperNode is one site folder of <sites-root>/<site>/{store, privacy.yaml, state} (its
 partition-id picks the folder). `ecgtwin federate` and the demo start this module as a child process,
-so that ecgtwin/ never imports Flower. Exit status 0 only when out/status.json says finished.
+so that ecgtwin/ never imports Flower. Exit status 0 only when out/status.json says finished. Started
+so (ECGTWIN_PARENT_PID set), it watches its launcher and, when that ends (kill -9 too), stops itself,
+Ray and all it started (ecgtwin/coordinator/watchdog.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from ecgtwin.coordinator.settings import FederationSettings
 from ecgtwin.coordinator.status import read_status
+from ecgtwin.coordinator.watchdog import watch_parent
 
 
 def simulate(run_config: dict, num_supernodes: int | None = None, cpus_per_site: float = 1.0,
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per simulated site")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    watch_parent()  # before Ray starts, so that its processes inherit the watchdog's token
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     root = str(Path(__file__).resolve().parents[1])  # Ray workers must import ecgtwin, client and server

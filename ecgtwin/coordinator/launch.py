@@ -1,5 +1,7 @@
 """Running a simulation from ecgtwin (which never imports Flower): `python -m server.simulate` as a child
-process in its own process group, its output copied to a log, stopped by its process-group id."""
+process in its own process group, its output copied to a log, stopped by its process-group id. The child
+is told this process's pid (watchdog.PARENT_ENV) and stops itself and all it started (Ray included) when
+this process ends in any way, kill -9 too (ecgtwin/coordinator/watchdog.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, Mapping
 
 from ecgtwin.coordinator.settings import FederationSettings
 from ecgtwin.coordinator.status import read_status
+from ecgtwin.coordinator.watchdog import PARENT_ENV
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds ecgtwin/, server/ and client/
 
@@ -28,6 +31,7 @@ def simulate(run_config: Mapping[str, Any], log_path: str | Path, progress: bool
     the child's command line (tests)."""
     settings = FederationSettings.from_run_config(run_config)
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1",
+           PARENT_ENV: str(os.getpid()),  # the child's watchdog: it dies with us, whatever kills us
            "PYTHONPATH": os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
