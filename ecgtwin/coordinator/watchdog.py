@@ -46,8 +46,9 @@ def watch_parent(parent_pid: int | None = None, interval: float = 0.5, grace: fl
     os.environ[TOKEN_ENV] = f"{os.getpid()}-{uuid.uuid4().hex}"
     parent = (parent_pid, _start_time(parent_pid))  # start time None: already gone
     first_ppid = os.getppid()
-    atexit.register(_kill_the_rest)  # before Ray's own handler, so after it: the main thread may exit first
-    thread = threading.Thread(target=_watch, args=(parent, first_ppid, interval, grace),
+    orphaned = threading.Event()  # set once the parent is gone: only then is anything killed
+    atexit.register(_kill_the_rest, orphaned)  # before Ray's own handler, so after it: the main thread may exit first
+    thread = threading.Thread(target=_watch, args=(parent, first_ppid, interval, grace, orphaned),
                               name="ecgtwin-parent-watchdog", daemon=True)
     thread.start()
     return thread
@@ -59,20 +60,18 @@ def parent_gone(parent: tuple[int, int | None], first_ppid: int) -> bool:
     return os.getppid() != first_ppid or started is None or not _alive((pid, started))
 
 
-_orphaned = threading.Event()
-
-
-def _watch(parent: tuple[int, int | None], first_ppid: int, interval: float, grace: float) -> None:
+def _watch(parent: tuple[int, int | None], first_ppid: int, interval: float, grace: float,
+           orphaned: threading.Event) -> None:
     while not parent_gone(parent, first_ppid):
         time.sleep(interval)
     try:
-        _orphaned.set()
-        stop_everything(grace)
+        orphaned.set()
+        stop_everything(grace, orphaned)
     finally:
         os._exit(1)
 
 
-def stop_everything(grace: float) -> None:
+def stop_everything(grace: float, orphaned: threading.Event) -> None:
     """SIGINT to this process (the driver: Flower and Ray shut down) and SIGTERM to all our other processes
     (Ray's block SIGINT; on SIGTERM the raylet, the GCS and the workers exit); after `grace` s, SIGKILL to
     every one that remains."""
@@ -87,14 +86,14 @@ def stop_everything(grace: float) -> None:
         if not any(_alive(p) for p in seen):
             break
         time.sleep(0.2)
-    _kill_the_rest(seen)
+    _kill_the_rest(orphaned, seen)
     if os.getpgrp() == me:  # launched with start_new_session: never signal a group we don't lead
         _signal_group(me, signal.SIGKILL)  # ourselves included
 
 
-def _kill_the_rest(seen: set[Identity] | None = None) -> None:
+def _kill_the_rest(orphaned: threading.Event, seen: set[Identity] | None = None) -> None:
     """SIGKILL to our processes, only once orphaned (also at exit, should the main thread end first)."""
-    if not _orphaned.is_set():
+    if not orphaned.is_set():
         return
     for proc in (seen or set()) | set(our_processes()):
         _signal(proc, signal.SIGKILL)
