@@ -49,6 +49,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+DISPLAY_FLAGS = ("--no-progress", "--json")  # change what is shown, never what is made
+
+
 def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N")
 
@@ -266,16 +269,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the embedded default end to end on the built-in synthetic consortium",
-        description="Synthesize a small consortium, prepare each site's store and privacy policy (DP, epsilon 8), "
-        "train the three stages federated in Flower's simulation engine, generate twins of a few patients of one "
-        "site under new conditions, and write a report with figures to --out (what `make demo` runs).",
+        description="Start from the public foundation (foundations/demo), synthesize a consortium, prepare each "
+        "site's store and privacy policy (DP, epsilon 8), fine-tune the IBE and the twin model with DP-SGD "
+        "federated in Flower's simulation engine (the VAE frozen), generate twins of a few patients of one site "
+        "under new conditions, and write a report with figures to --out (what `make demo` runs).",
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
     p.add_argument("--sites", type=int, default=3, help="hospitals in the consortium (default 3)")
-    p.add_argument("--patients-per-site", type=int, default=40, help="patients per hospital (default 40)")
+    p.add_argument("--patients-per-site", type=int, default=200, help="patients per hospital (default 200)")
     p.add_argument("--records-per-patient", type=int, default=3, help="recordings per patient (default 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--config", type=Path, help="experiment YAML for the training (default: configs/demo.yaml)")
+    p.add_argument("--foundation", type=Path, help="the public foundation to fine-tune (default: foundations/demo)")
     _common(p)
     p.set_defaults(run=_run_demo)
 
@@ -285,7 +290,8 @@ def _run_demo(args: argparse.Namespace) -> dict:
 
     config = DemoConfig(sites=args.sites, patients_per_site=args.patients_per_site,
                         records_per_patient=args.records_per_patient, seed=args.seed,
-                        **({"config": args.config} if args.config else {}))
+                        **({"config": args.config.resolve()} if args.config else {}),
+                        **({"foundation": args.foundation.resolve()} if args.foundation else {}))
     report = run_demo(args.out, config, progress=not args.no_progress)
     if args.json:
         return report
@@ -294,6 +300,7 @@ def _run_demo(args: argparse.Namespace) -> dict:
             for site, s in report["stores"].items()}
     epsilon = {site: f"{p['epsilon_spent']:.3f} of {p['epsilon_budget']:g}" for site, p in report["privacy"].items()}
     return {**rows, "epsilon_spent": epsilon, "twin_hr_mae_bpm": report["twin_hr_mae_bpm"],
+            "personal": report["personal"],
             "report": str(Path(args.out) / "report.md"),
             "figures": str(Path(args.out) / "figures")}
 
@@ -475,7 +482,8 @@ def _run_pretrain(args: argparse.Namespace) -> dict:
 
     return pretrain(load_config(args.config), args.source, args.out, root=args.root, patients=args.patients,
                     records_per_patient=args.records_per_patient, rate=args.rate,
-                    command=["ecgtwin", *sys.argv[1:]] if sys.argv[1:] else None, progress=not args.no_progress,
+                    command=["ecgtwin", *(a for a in sys.argv[1:] if a not in DISPLAY_FLAGS)] if sys.argv[1:] else None,
+                    progress=not args.no_progress,
                     device=resolve_device(args.device))
 
 

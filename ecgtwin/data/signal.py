@@ -66,3 +66,20 @@ def project_limb_leads(signals: np.ndarray) -> np.ndarray:
     projection = (basis @ np.linalg.pinv(basis)).astype(np.float32)  # (6, 6), symmetric, idempotent
     x[..., limb, :] = np.einsum("ij,...jt->...it", projection, x[..., limb, :])
     return x
+
+
+def median_beat(signal: np.ndarray, fs: float, before_s: float = 0.25, after_s: float = 0.45) -> np.ndarray | None:
+    """The median beat of a (12, n) signal: every lead cut around lead II's R peaks and the median taken over
+    beats, (12, W). Aligned on the R peak, so it does not depend on where the recording starts; what is left
+    is the person's morphology (axis, amplitudes, intervals). None when fewer than 3 whole beats are found."""
+    peaks = r_peaks(signal[LEADS.index("II")], fs)
+    lo, hi = int(round(before_s * fs)), int(round(after_s * fs))
+    peaks = peaks[(peaks >= lo) & (peaks + hi <= signal.shape[1])]
+    if len(peaks) < 3:
+        return None
+    return np.median(np.stack([signal[:, p - lo:p + hi] for p in peaks]), axis=0)
+
+
+def beat_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """RMS difference (mV) of two median beats."""
+    return float(np.sqrt(np.mean((np.asarray(a) - np.asarray(b)) ** 2)))
