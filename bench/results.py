@@ -104,8 +104,9 @@ def train_centralised(out: Path, store: Path, scale: Scale, injector: str = "ada
 
 
 def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: float | None,
-                    strategy: str = "fedavg") -> Path:
-    """Flower simulation over site folders (ecgtwin.federation.simulate, as `ecgtwin federate`)."""
+                    strategy: str = "fedavg", config: Path | None = None, foundation: Path | None = None) -> Path:
+    """Flower simulation over site folders (ecgtwin.coordinator.launch.simulate, as `ecgtwin federate`), with
+    the experiment `config` (default: the demo's at this scale) and from `foundation` if given."""
     from ecgtwin.coordinator.launch import simulate
 
     model = out / "federation" / "model"
@@ -123,12 +124,14 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
                                 private=epsilon is not None, epsilon=epsilon, delta=1e-5,
                                 population=len(SiteStore(store).patients)),
                     site_dir / "privacy.yaml")
-    config_path = out / "config.yaml"
-    save_config(experiment_config(scale), config_path)
+    config_path = config or out / "config.yaml"
+    if config is None:
+        save_config(experiment_config(scale), config_path)
     run_config = {"config": str(config_path.resolve()), "out": str((out / "federation").resolve()),
                   "sites-root": str(sites_root.resolve()), "run-name": out.name, "strategy": strategy,
                   "proximal-mu": PROXIMAL_MU,
                   "min-nodes": min(2, scale.sites), "node-wait": 120.0,
+                  "foundation": str(Path(foundation).resolve()) if foundation else "",
                   **{f"rounds-{s}": r for s, r in zip(STAGES, scale.rounds)}}
     status = simulate(run_config, out / "federation" / "simulation.log")
     if status.get("status") != "finished":

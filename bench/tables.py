@@ -294,6 +294,27 @@ def privacy_canary(d: dict) -> str:
     return table(["run", "epsilon claimed", "guesses right", f"epsilon lower bound ({d['confidence']:.0%})"], rows)
 
 
+def privacy_utility(d: dict) -> str:
+    """The privacy-utility rows: `python -m bench.privacy_utility ... --record` as committed."""
+    rows = []
+    order = lambda r: (r["row"]["patients_per_site"], r["row"]["start"], r["row"]["vae"], r["row"]["trainable"],  # noqa: E731
+                       -(r["row"]["epsilon"] or 1e9))
+    for r in sorted(d["rows"].values(), key=order):
+        row, m, ci = r["row"], r["metrics"], r.get("intervals", {})
+
+        def cell(key, digits):
+            low_high = ci.get(key)
+            return f(m[key], digits) + (f" ({low_high[0]:.{digits}f}-{low_high[1]:.{digits}f})" if low_high else "")
+
+        eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:g}"
+        noise = r.get("noise_on_mean_update", {}).get("twin")
+        rows.append([str(row["patients_per_site"]), eps, row["start"], row["vae"], row["trainable"],
+                     cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
+                     "n/a" if noise is None else f(noise, 4), f(r["train_cpu_s"] / 60, 1)])
+    return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
+                  "cond. acc.", "id. top-1", "twin noise / mean", "train CPU min"], rows)
+
+
 REGIONS = {
     "results-main": ("results.md", "results", results_main),
     "results-intervals": ("results.md", "results", results_intervals),

@@ -222,6 +222,21 @@ def test_cli_privacy_plan(store, tmp_path, capsys):
     assert "delta 0.5 must be <= 0.1/patients" in capsys.readouterr().err
 
 
+def test_the_plan_says_which_measured_regime_a_stages_noise_falls_in(tmp_path):
+    """works / degrades / collapses from the measured table (bench/privacy_utility.py --regimes), for the twin
+    stage whose measurements it holds; any other stage, or no table, is `not measured`."""
+    import json
+
+    from ecgtwin.privacy.reports import regime
+
+    table = tmp_path / "regimes.json"
+    table.write_text(json.dumps({"works_up_to": 0.05, "collapses_from": 0.5}))
+    assert [regime("twin", x, table) for x in (0.01, 0.05, 0.2, 0.5, 3.0)] == \
+        ["works", "works", "degrades", "collapses", "collapses"]
+    assert regime("vae", 0.01, table) == "not measured"
+    assert regime("twin", 0.01, tmp_path / "absent.json") == "not measured"
+
+
 # -- per-patient gradients ---------------------------------------------------------------------------
 
 def per_patient_grads(model, loss_of_rows) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 
@@ -50,9 +51,30 @@ def _with_noise_scale(stage: dict, policy, population: int, config: ExperimentCo
     """What a stage's budget buys: its trainable parameters, and the noise on the MEAN update per step,
     sigma * C / expected batch (the figure that decides whether DP training works at all)."""
     expected_batch = stage["sample_rate"] * population
+    noise = stage["noise_multiplier"] * policy.max_grad_norm / expected_batch
     return {**stage, "parameters": parameter_count(stage["stage"], config or ExperimentConfig()),
-            "expected_batch": expected_batch,
-            "noise_on_mean_update": stage["noise_multiplier"] * policy.max_grad_norm / expected_batch}
+            "expected_batch": expected_batch, "noise_on_mean_update": noise,
+            "regime": regime(stage["stage"], noise)}
+
+
+REGIMES = Path(__file__).with_name("regimes.json")
+
+
+def regime(stage: str, noise_on_mean_update: float, table: Path = REGIMES) -> str:
+    """works | degrades | collapses: where this noise on the mean update falls among the measured DP
+    fine-tunings of a foundation (bench/privacy_utility.py; measured for the twin stage only, the stage that
+    decides the twins' quality), or `not measured`."""
+    if stage != "twin" or not table.is_file():
+        return "not measured"
+    measured = json.loads(table.read_text())
+    works, collapses = measured.get("works_up_to"), measured.get("collapses_from")
+    if works is not None and noise_on_mean_update <= works:
+        return "works"
+    if collapses is not None and noise_on_mean_update >= collapses:
+        return "collapses"
+    if works is None and collapses is None:
+        return "not measured"
+    return "degrades"
 
 
 def ledger_report(site: str | Path, figure: Path | None = None) -> dict:

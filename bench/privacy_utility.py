@@ -1,0 +1,265 @@
+"""The privacy-utility measurement: one row per command (not run by the tests).
+
+    python -m bench.privacy_utility --patients-per-site 200 --epsilon 8 --start foundation --out pu/ --record
+    python -m bench.privacy_utility --patients-per-site 200 --epsilon none --start foundation --out pu/ --record
+    python -m bench.privacy_utility --patients-per-site 200 --epsilon 8 --start scratch --out pu/ --record
+    python -m bench.privacy_utility ... --trainable lora      # or condition; the IBE and twin stages
+    python -m bench.privacy_utility ... --vae dp              # fine-tune the VAE with DP too (default: frozen)
+    python -m bench.privacy_utility --plot                    # docs/privacy_utility.png from the committed JSON
+    python -m bench.privacy_utility --regimes                 # ecgtwin/privacy/regimes.json (privacy plan reads it)
+
+A row: the synthetic consortium (3 non-IID sites, seed 0) at the given size, federated in Flower's simulation
+engine with patient-level DP at every site (or without), from the demo's public foundation (foundations/demo,
+pretrained on the simulator's public population) or from random weights, then `ecgtwin evaluate` on the
+held-out patients of all sites together (the same patients in every row of one size: data.split_seed), with
+the evaluation encoder trained on a reference population no row trains on. --record merges the row, with its
+CPU and wall time, into bench/data/privacy_utility.json; `python -m bench.tables` renders the table in
+docs/privacy.md from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from bench.results import REFERENCE_SEED, _store, train_federated
+from ecgtwin.config import STAGES, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo.yaml"
+FOUNDATION = ROOT / "foundations" / "demo"
+DATA = ROOT / "bench" / "data" / "privacy_utility.json"
+REGIMES = ROOT / "ecgtwin" / "privacy" / "regimes.json"
+HELD_OUT = 0.3
+GUIDANCE_PERSON = 2.0  # as the demo generates (every row alike)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    patients_per_site: int = 200
+    epsilon: float | None = 8.0
+    start: str = "foundation"  # foundation | scratch | public-only (the foundation as it is: no site data)
+    vae: str = "frozen"  # frozen | dp (foundation rows); scratch rows always train the VAE
+    trainable: str = "all"  # what the IBE and the twin stage fine-tune: all | condition | lora
+    batch_patients: int = 32
+    finetune_lr: float = 2e-4
+    twins_per_patient: int = 2
+    foundation: str = str(FOUNDATION)
+
+    @property
+    def name(self) -> str:
+        eps = "nonprivate" if self.epsilon is None else f"eps{self.epsilon:g}"
+        return f"n{self.patients_per_site}-{eps}-{self.start}-vae{self.vae}-{self.trainable}"
+
+    def plan(self) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple]:
+        """(rounds, local steps, budget fractions) per stage: the demo's fine-tuning schedule; the VAE
+        trained as well where it is not frozen (the same steps in every row of a kind)."""
+        if self.start == "scratch":
+            return (2, 1, 2), (100, 40, 120), (0.3, 0.2, 0.5)
+        if self.vae == "dp":
+            return (1, 1, 2), (40, 40, 120), (0.2, 0.24, 0.56)
+        return (0, 1, 2), (1, 40, 120), (None, 0.3, 0.7)
+
+
+def run_row(row: Row, out: Path) -> dict:
+    """Train and evaluate one row under out/<size>/<row name>; returns the row's record."""
+    from bench.results import Scale
+    from ecgtwin.evaluate import run_evaluation
+
+    base = out / f"n{row.patients_per_site}"
+    started, cpu0 = time.perf_counter(), _cpu_seconds()
+    stores = _stores(base, row.patients_per_site)
+    rounds, steps, fractions = row.plan()
+    scale = Scale(patients_per_site=row.patients_per_site, rounds=rounds, local_steps=steps,
+                  batch_patients=row.batch_patients, budget_fractions=fractions, held_out_fraction=HELD_OUT,
+                  twins_per_patient=row.twins_per_patient)
+    folder = base / row.name
+    folder.mkdir(parents=True, exist_ok=True)
+    if row.start == "public-only":
+        model = _public_only(folder, Path(row.foundation))
+    else:
+        model = train_federated(folder, stores, scale, row.epsilon, config=_config(row, folder),
+                                foundation=Path(row.foundation) if row.start == "foundation" else None)
+    trained, cpu1 = time.perf_counter(), _cpu_seconds()
+    metrics = run_evaluation(model, store=stores["pooled"], out=folder / "eval", twins_per_patient=row.twins_per_patient,
+                             guidance=2.0, encoder_steps=scale.encoder_steps, encoder_store=stores["reference"],
+                             encoder_cache=base / "encoder-reference", downstream=False, progress=False)
+    return {"row": dataclasses.asdict(row), "name": row.name, "rounds": rounds, "local_steps": steps,
+            "noise_on_mean_update": _noise_on_mean(folder / "sites"),
+            "metrics": {k: metrics.get(k) for k in ("fid", "f1", "clip_score", "hr_mae", "condition_accuracy",
+                                                     "similarity", "identification_top1")},
+            "intervals": metrics.get("intervals", {}),
+            "real": {k: metrics.get(k) for k in ("clip_score_real", "hr_mae_real", "condition_accuracy_real",
+                                                  "identification_chance_top1")},
+            "train_wall_s": round(trained - started, 1), "train_cpu_s": round(cpu1 - cpu0, 1),
+            "eval_wall_s": round(time.perf_counter() - trained, 1),
+            "eval_cpu_s": round(_cpu_seconds() - cpu1, 1)}
+
+
+def _noise_on_mean(sites: Path) -> dict:
+    """Per stage, sigma * C / expected batch of the DP passes the sites' ledgers recorded (mean over sites)."""
+    from ecgtwin.privacy import Ledger
+
+    noise: dict[str, list[float]] = {}
+    for ledger in sorted(sites.glob("*/state/ledger.jsonl")):
+        for e in Ledger(ledger).entries():
+            noise.setdefault(e["stage"], []).append(
+                e["noise_multiplier"] * e["max_grad_norm"] / (e["sample_rate"] * e["population"]))
+    return {stage: round(sum(v) / len(v), 5) for stage, v in noise.items()}
+
+
+def regimes(data: Path = DATA, out: Path = REGIMES) -> Path:
+    """ecgtwin/privacy/regimes.json: the twin stage's noise on the mean update below which DP fine-tuning of
+    a foundation WORKS (within 1.5x of the non-private FID and 10 points of its condition accuracy, at the
+    same size), and above which it COLLAPSES (FID more than 3x the non-private one); in between it degrades.
+    `ecgtwin privacy plan` reads it to tell a privacy officer what a budget buys."""
+    rows = list(json.loads(data.read_text())["rows"].values())
+    verdicts = []
+    for r in rows:
+        if r["row"]["start"] != "foundation" or r["row"]["epsilon"] is None or "twin" not in r["noise_on_mean_update"]:
+            continue
+        reference = [p for p in rows if p["row"]["epsilon"] is None and p["row"]["start"] == "foundation"
+                     and p["row"]["patients_per_site"] == r["row"]["patients_per_site"]]
+        if not reference:
+            continue
+        best, got = reference[0]["metrics"], r["metrics"]
+        works = got["fid"] <= 1.5 * best["fid"] and got["condition_accuracy"] >= best["condition_accuracy"] - 0.10
+        verdict = "works" if works else "collapses" if got["fid"] > 3 * best["fid"] else "degrades"
+        verdicts.append({"row": r["name"], "noise_on_mean_update": r["noise_on_mean_update"]["twin"],
+                         "verdict": verdict})
+    noise = lambda v: [x["noise_on_mean_update"] for x in verdicts if x["verdict"] == v]  # noqa: E731
+    table = {"measured_by": "python -m bench.privacy_utility --regimes (from bench/data/privacy_utility.json)",
+             "model": "configs/demo.yaml fine-tuned from foundations/demo (twin stage)",
+             "works_up_to": max(noise("works"), default=None),
+             "collapses_from": min(noise("collapses"), default=None), "rows": verdicts}
+    out.write_text(json.dumps(table, indent=2) + "\n")
+    return out
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the simulation runs in a child)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _stores(base: Path, patients: int) -> dict[str, Path]:
+    from ecgtwin.data.synthetic import synthesize_consortium
+
+    for name, seed in (("consortium", 0), ("reference", REFERENCE_SEED)):
+        if not (base / name).is_dir():
+            synthesize_consortium(base / name, sites=3, patients_per_site=patients, records_per_patient=3,
+                                  seed=seed, progress=False)
+    stores = {d.name: _store("synthetic", d, base / "stores" / d.name)
+              for d in sorted(p.parent for p in (base / "consortium").glob("*/metadata.csv"))}
+    stores["pooled"] = _store("synthetic", base / "consortium", base / "pooled-store")
+    stores["reference"] = _store("synthetic", base / "reference", base / "reference-store")
+    return stores
+
+
+def _public_only(folder: Path, foundation: Path) -> Path:
+    """The foundation's weights under the bench's held-out split (so that the same patients are evaluated)."""
+    import shutil
+
+    model = folder / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    for name in (*(f"{s}.safetensors" for s in STAGES), "conditioning.json"):
+        shutil.copy(foundation / name, model / name)
+    config = load_config(foundation / "config.yaml")
+    config.data.held_out_fraction = HELD_OUT
+    config.generate.guidance_person = GUIDANCE_PERSON
+    save_config(config, model / "config.yaml")
+    return model
+
+
+def _config(row: Row, folder: Path) -> Path:
+    config = load_config(CONFIG)
+    config.data.held_out_fraction = HELD_OUT
+    config.generate.guidance_person = GUIDANCE_PERSON
+    if row.start == "foundation":
+        for stage in ("ibe", "twin"):
+            config.stage(stage).trainable, config.stage(stage).lr = row.trainable, row.finetune_lr
+        if row.vae == "dp":
+            config.vae.lr = row.finetune_lr
+    path = folder / "config.yaml"
+    save_config(config, path)
+    return path
+
+
+def record(result: dict, command: str, data: Path = DATA) -> Path:
+    from bench.tables import _provenance
+
+    rows = json.loads(data.read_text()) if data.is_file() else {"rows": {}}
+    rows["rows"][result["name"]] = {"provenance": _provenance(command), **result}
+    data.write_text(json.dumps(rows, indent=2) + "\n")
+    return data
+
+
+def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -> Path:
+    """Each metric against epsilon, one line per site size and start (non-private drawn at the right)."""
+    from ecgtwin.plot import new_figure
+
+    rows = list(json.loads(data.read_text())["rows"].values())
+    keys = (("fid", "FID (lower is better)"), ("hr_mae", "HR MAE, bpm"), ("condition_accuracy", "condition accuracy"),
+            ("identification_top1", "identification top-1"))
+    fig = new_figure(figsize=(13, 3.6))
+    axes = fig.subplots(1, len(keys))
+    eps_values = sorted({r["row"]["epsilon"] for r in rows if r["row"]["epsilon"] is not None})
+    x_private = max(eps_values, default=8.0) * 1.6  # where "no DP" sits on the axis
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = (f"{r['row']['patients_per_site']}/site, {r['row']['start']}, VAE {r['row']['vae']}, "
+               f"{r['row']['trainable']}")
+        groups.setdefault(key, []).append(r)
+    for ax, (metric, title) in zip(axes, keys):
+        for label, members in sorted(groups.items()):
+            points = sorted((x_private if m["row"]["epsilon"] is None else m["row"]["epsilon"], m["metrics"][metric])
+                            for m in members if m["metrics"].get(metric) is not None)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xticks([*eps_values, x_private], [*(f"{e:g}" for e in eps_values), "no DP"])
+        ax.set_xlabel("epsilon per site")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return png
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.privacy_utility", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--patients-per-site", type=int, default=Row.patients_per_site)
+    parser.add_argument("--epsilon", default="8", help="per-site epsilon, or none (non-private)")
+    parser.add_argument("--start", choices=["foundation", "scratch", "public-only"], default="foundation")
+    parser.add_argument("--vae", choices=["frozen", "dp"], default="frozen")
+    parser.add_argument("--trainable", choices=["all", "condition", "lora"], default="all")
+    parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
+    parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
+    parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
+    parser.add_argument("--plot", action="store_true", help="only draw docs/privacy_utility.png from the JSON")
+    parser.add_argument("--regimes", action="store_true",
+                        help="only write ecgtwin/privacy/regimes.json (what privacy plan says) from the JSON")
+    args = parser.parse_args()
+    if args.plot or args.regimes:
+        print(plot() if args.plot else regimes())
+        return
+    row = Row(patients_per_site=args.patients_per_site,
+              epsilon=None if args.epsilon.lower() == "none" or args.start == "public-only" else float(args.epsilon),
+              start=args.start,
+              vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
+              foundation=str(args.foundation.resolve()))
+    result = run_row(row, args.out)
+    print(json.dumps(result, indent=2), flush=True)
+    if args.record:
+        print(f"recorded in {record(result, ' '.join([parser.prog, *sys.argv[1:]]))}")
+
+
+if __name__ == "__main__":
+    main()
