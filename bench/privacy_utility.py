@@ -72,8 +72,8 @@ def run_row(row: Row, out: Path) -> dict:
     from ecgtwin.evaluate import run_evaluation
 
     base = out / f"n{row.patients_per_site}"
+    stores = _stores(base, row.patients_per_site)  # made once per size, not timed
     started, cpu0 = time.perf_counter(), _cpu_seconds()
-    stores = _stores(base, row.patients_per_site)
     rounds, steps, fractions = row.plan()
     scale = Scale(patients_per_site=row.patients_per_site, rounds=rounds, local_steps=steps,
                   batch_patients=row.batch_patients, budget_fractions=fractions, held_out_fraction=HELD_OUT,
@@ -256,9 +256,11 @@ def main() -> None:
               vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
               foundation=str(args.foundation.resolve()))
     result = run_row(row, args.out)
+    if args.record:  # before anything is printed: a closed stdout must not lose a measured row
+        path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))
     print(json.dumps(result, indent=2), flush=True)
     if args.record:
-        print(f"recorded in {record(result, ' '.join([parser.prog, *sys.argv[1:]]))}")
+        print(f"recorded in {path}")
 
 
 if __name__ == "__main__":

@@ -297,8 +297,9 @@ def privacy_canary(d: dict) -> str:
 def privacy_utility(d: dict) -> str:
     """The privacy-utility rows: `python -m bench.privacy_utility ... --record` as committed."""
     rows = []
-    order = lambda r: (r["row"]["patients_per_site"], r["row"]["start"], r["row"]["vae"], r["row"]["trainable"],  # noqa: E731
-                       -(r["row"]["epsilon"] or 1e9))
+    starts = {"public-only": 0, "foundation": 1, "scratch": 2}
+    order = lambda r: (r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
+                       r["row"]["trainable"], -(r["row"]["epsilon"] or 1e9))
     for r in sorted(d["rows"].values(), key=order):
         row, m, ci = r["row"], r["metrics"], r.get("intervals", {})
 
@@ -310,9 +311,9 @@ def privacy_utility(d: dict) -> str:
         noise = r.get("noise_on_mean_update", {}).get("twin")
         rows.append([str(row["patients_per_site"]), eps, row["start"], row["vae"], row["trainable"],
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
-                     "n/a" if noise is None else f(noise, 4), f(r["train_cpu_s"] / 60, 1)])
+                     "n/a" if noise is None else f(noise, 4), f(r["train_wall_s"] / 60, 1)])
     return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
-                  "cond. acc.", "id. top-1", "twin noise / mean", "train CPU min"], rows)
+                  "cond. acc.", "id. top-1", "twin noise / mean", "train wall min"], rows)
 
 
 REGIONS = {
@@ -333,6 +334,7 @@ REGIONS = {
     "bench-privacy-twin": ("benchmarks.md", "benchmarks/privacy_quality", bench_privacy_twin),
     "bench-federation": ("benchmarks.md", "benchmarks/federation", bench_federation),
     "privacy-canary": ("privacy.md", "audits/canary", privacy_canary),
+    "privacy-utility": ("privacy.md", "privacy_utility", privacy_utility),
 }
 
 
