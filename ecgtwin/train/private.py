@@ -52,6 +52,7 @@ Unit = tuple[str, np.ndarray]  # (patient id, the items it contributes this step
 # the units chosen this step, the step -> (loss of each unit [U], the unit slot of every forward row [R])
 UnitLoss = Callable[[list[Unit], int], tuple[torch.Tensor, torch.Tensor]]
 PLAN_CACHE = "plan_cache.json"  # in the site's cache folder
+CPU = torch.device("cpu")  # where a stage builder puts its module and batches unless told otherwise
 
 
 @dataclasses.dataclass
@@ -280,7 +281,8 @@ def _rows_from(rand: PatientRandomness, purpose: str, step: int, picks: list[Uni
 
 
 def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None, device: torch.device) -> PrivateStage:
+         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None,
+         device: torch.device = CPU) -> PrivateStage:
     vae = select_trainable(module_from("vae", config, weights.get("vae")), "vae", config).to(device)
     signals = torch.from_numpy(np.asarray(store.signals[rows]))
     settings = config.vae
@@ -297,7 +299,8 @@ def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
 
 
 def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None, device: torch.device) -> PrivateStage:
+         policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None,
+         device: torch.device = CPU) -> PrivateStage:
     (vae,) = frozen_stages("ibe", config, weights, device)
     conditioner = population_conditioner(config, cache_dir)
     inputs = stage_inputs.ibe_inputs(store, rows, vae, conditioner)
@@ -325,7 +328,8 @@ def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
 
 
 def _twin(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
-          policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None, device: torch.device) -> PrivateStage:
+          policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None,
+         device: torch.device = CPU) -> PrivateStage:
     settings = config.twin
     vae, ibe = frozen_stages("twin", config, weights, device)
     data = stage_inputs.twin_inputs(store, rows, vae, ibe, population_conditioner(config, cache_dir),
