@@ -8,10 +8,11 @@ import platform
 import sys
 from pathlib import Path
 
-from bench import data_path, federation, generation, privacy, privacy_quality, training
+from bench import data_path, deployment, federation, generation, privacy, privacy_quality, scale, training
 
 BENCHES = {"data": data_path.run, "training": training.run, "generation": generation.run, "privacy": privacy.run,
-           "privacy_quality": privacy_quality.run, "federation": federation.run}
+           "privacy_quality": privacy_quality.run, "federation": federation.run, "deployment": deployment.run,
+           "scale": scale.run}
 
 
 def main() -> None:

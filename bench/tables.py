@@ -280,6 +280,40 @@ def bench_federation(d: dict) -> str:
                   "overhead beyond queueing (round 2)", "peak RSS"], rows)
 
 
+def bench_scale_prepare(d: dict) -> str:
+    rows = []
+    for key, r in d["prepare"].items():
+        source, workers = key.rsplit("_workers", 1)
+        rows.append([f"`{source}`", workers, plain(r["records_kept"]), plain(r["patients"]), f"{r['seconds'] / 60:.1f} min",
+                     f(r["records_per_s"], 1), plain(round(r["peak_rss_mb"])),
+                     "" if r.get("worker_peak_rss_mb") is None else plain(round(r["worker_peak_rss_mb"]))])
+    return table(["layout", "workers", "records", "patients", "time", "records/s", "peak RSS MB",
+                  "largest worker MB"], rows)
+
+
+def bench_scale_train(d: dict) -> str:
+    rows = []
+    for source, r in d["train"].items():
+        rows.append([f"`{source}`", plain(r["records"]), f"{r['open_s']:.1f} s", plain(round(r["open_peak_rss_mb"])),
+                     f"{r['vae']['setup_s']:.0f} s / {r['vae']['s_per_step']:.2f} s", f(r["vae"]["patients_per_step"], 0),
+                     f"{r['twin']['setup_s']:.0f} s / {r['twin']['s_per_step']:.2f} s", plain(round(r["peak_rss_mb"])),
+                     "yes" if r["peak_rss_mb"] < d["limit_mb"] else "NO"])
+    return table(["layout", "records", "open", "RSS after open MB", "DP VAE pass: set-up / step",
+                  "patients per step", "DP twin pass: set-up / step", "peak RSS MB", f"under {d['limit_mb']:,} MB"], rows)
+
+
+def bench_deployment(d: dict) -> str:
+    rows = []
+    for r in d["runs"]:
+        later = r["later_rounds"]
+        slowest = sorted(x["slowest_site_s"] for x in later)[len(later) // 2]
+        rows.append([str(r["sites"]), r["mode"], f"{sig3(r['first_round']['round_s'])} s",
+                     f"{sig3(r['later_round_s_median'])} s", f"{f(slowest, 2)} s",
+                     f"{r['later_overhead_share_median']:.0%}"])
+    return table(["SuperNodes", "ClientApp", "round 1", "later rounds (median)", "slowest site (median)",
+                  "overhead share (median)"], rows)
+
+
 # the regions: name -> (doc, JSON file under the data folder without .json, rendering) ----------------------
 
 # docs/privacy.md ----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from ecgtwin.config import STAGES
 from ecgtwin.config import config_from_text
 from ecgtwin.site import Site, check_reply, site_failure
+from ecgtwin.weights import FLAT, model_shapes, pack, trainable_shapes, unpack
 
 
 def make_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
@@ -50,7 +51,8 @@ def reply_content(stage: str, config_yaml: str, site: str, new: Mapping | None, 
         return RecordDict({"metrics": MetricRecord({"refused": 1}), "info": ConfigRecord(info)})
     info = {"site": site}
     check_reply(stage, config, new, metrics, info, private=private)
-    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
+    packed = pack(new, trainable_shapes(stage, config))  # the checked tensors, in the model's order
+    return RecordDict({"arrays": ArrayRecord({FLAT: Array(packed)}),
                        "metrics": MetricRecord(dict(metrics)), "info": ConfigRecord(info)})
 
 
@@ -62,9 +64,11 @@ def _site(context: Context, defaults: Mapping[str, Any]) -> Site:
 def _read(msg: Message) -> tuple[str, int, str, str, dict]:
     content = msg.content
     config = content["config"]
-    stage = str(config["stage"])
-    weights = {s: {k: a.numpy() for k, a in content[s].items()} for s in STAGES if s in content.array_records}
-    return stage, int(config["round"]), str(config["run-id"]), str(config["config-yaml"]), weights
+    stage, config_yaml = str(config["stage"]), str(config["config-yaml"])
+    experiment = config_from_text(config_yaml)
+    weights = {s: unpack(content[s][FLAT].numpy(), model_shapes(s, experiment))
+               for s in STAGES if s in content.array_records}
+    return stage, int(config["round"]), str(config["run-id"]), config_yaml, weights
 
 
 app = make_app()

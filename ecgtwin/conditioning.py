@@ -60,19 +60,27 @@ class PatientInfoNormalizer:
 
 @dataclasses.dataclass
 class Conditions:
-    """Condition tokens of n records: statements (n, S, E) with mask (n, S), patient info (n, 3)."""
+    """Condition tokens of n records: statement ids (n, S) into a vocabulary of distinct statement
+    embeddings (V, E), with mask (n, S), and patient info (n, 3). A site repeats a few hundred statements
+    over up to hundreds of thousands of records, so the embeddings are kept once, not per record."""
 
-    statements: torch.Tensor
+    vocabulary: torch.Tensor  # (V, E); row 0 is the empty statement (zeros)
+    ids: torch.Tensor  # (n, S) long
     mask: torch.Tensor
     patient: torch.Tensor
 
     def to(self, device: torch.device | str) -> "Conditions":
-        return Conditions(self.statements.to(device), self.mask.to(device), self.patient.to(device))
+        return Conditions(*(t.to(device) for t in (self.vocabulary, self.ids, self.mask, self.patient)))
+
+    @property
+    def statements(self) -> torch.Tensor:
+        """(n, S, E) statement embeddings of every record (materialised: for small sets only)."""
+        return self.vocabulary[self.ids]
 
     def tokens(self, index: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (b, S, E + 3), mask (b, S)) for the selected records."""
         index = slice(None) if index is None else index
-        statements, patient = self.statements[index], self.patient[index]
+        statements, patient = self.vocabulary[self.ids[index]], self.patient[index]
         tokens = torch.cat([statements, patient[:, None, :].expand(-1, statements.shape[1], -1)], dim=-1)
         return tokens, self.mask[index]
 
@@ -90,16 +98,19 @@ class Conditioner:
         split = [split_statements(r)[: self.max_statements] for r in reports]
         width = max(1, max((len(s) for s in split), default=1))
         distinct = sorted({s for statements in split for s in statements})
-        vectors = dict(zip(distinct, self.encoder.embed(distinct))) if distinct else {}
-        emb = np.zeros((len(reports), width, self.encoder.dim), np.float32)
+        vocabulary = np.zeros((len(distinct) + 1, self.encoder.dim), np.float32)
+        if distinct:
+            vocabulary[1:] = self.encoder.embed(distinct)
+        number = {s: k + 1 for k, s in enumerate(distinct)}
+        ids = np.zeros((len(reports), width), np.int64)
         mask = np.zeros((len(reports), width), bool)
         mask[:, 0] = True
         for i, statements in enumerate(split):
-            for j, statement in enumerate(statements):
-                emb[i, j] = vectors[statement]
-                mask[i, j] = True
+            ids[i, :len(statements)] = [number[s] for s in statements]
+            mask[i, :len(statements)] = True
         patient = self.normalizer.transform(hr, age, sex)
-        return Conditions(torch.from_numpy(emb), torch.from_numpy(mask), torch.from_numpy(patient))
+        return Conditions(torch.from_numpy(vocabulary), torch.from_numpy(ids), torch.from_numpy(mask),
+                          torch.from_numpy(patient))
 
 
 def report_text(row: pd.Series) -> str:

@@ -17,16 +17,17 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from ecgtwin.config import STAGES
 from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.config import config_text
+from ecgtwin.config import ExperimentConfig, config_text
 from ecgtwin.coordinator.metrics import round_entry, write_metrics
 from ecgtwin.coordinator.model import save_global_model
 from ecgtwin.coordinator.settings import FederationError, FederationSettings
 from ecgtwin.coordinator.state import RunState, open_run
 from ecgtwin.coordinator.status import write_status
-from ecgtwin.weights import initial_weights, start_from, trainable_shapes
+from ecgtwin.weights import FLAT, initial_weights, model_shapes, pack, start_from, trainable_shapes, unpack
 from ecgtwin.site import ALLOWED_METRICS
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the FAB (or repository) root: relative config paths
+POLL_S = 0.2  # between pulls of replies: short against a round, long against a SuperLink request
 
 
 def make_strategy(settings: FederationSettings) -> FedAvg:
@@ -60,7 +61,6 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], flower_run_id: int
 
 def _run(grid: Grid, settings: FederationSettings, out: Path) -> Path:
     config = settings.load_config(APP_DIR)
-    text = config_text(config)
     state, resumed = open_run(out, settings, config)
     write_status(out, "running", f"resumed after {state.last()}" if resumed else "started")
     if resumed:
@@ -81,7 +81,7 @@ def _run(grid: Grid, settings: FederationSettings, out: Path) -> Path:
         for rnd in range(1, rounds + 1):
             if state.done(stage, rnd):
                 continue
-            _round(grid, settings, state, stage, rnd, text, shapes, strategy)
+            _round(grid, settings, state, stage, rnd, config, shapes, strategy)
             if isinstance(strategy, FedAdam):
                 state.moments[stage] = {"m": dict(strategy.m_t or {}), "v": dict(strategy.v_t or {})}
             state.completed.append((stage, rnd))
@@ -93,26 +93,28 @@ def _run(grid: Grid, settings: FederationSettings, out: Path) -> Path:
     return model
 
 
-def _round(grid: Grid, settings: FederationSettings, state: RunState, stage: str, rnd: int, text: str,
-           shapes: dict, strategy: FedAvg) -> None:
+def _round(grid: Grid, settings: FederationSettings, state: RunState, stage: str, rnd: int,
+           experiment: ExperimentConfig, shapes: dict, strategy: FedAvg) -> None:
+    text = config_text(experiment)
     started = time.perf_counter()
     nodes = _wait_for_nodes(grid, settings.min_nodes, settings.node_wait)
-    content = RecordDict({s: ArrayRecord({k: Array(v) for k, v in state.weights[s].items()})
+    nodes = _wait_for_rejoin(grid, nodes, state.nodes_seen(), settings.rejoin_wait)
+    content = RecordDict({s: ArrayRecord({FLAT: Array(pack(state.weights[s], model_shapes(s, experiment)))})
                           for s in STAGES[: STAGES.index(stage) + 1]})
     config = {"stage": stage, "round": rnd, "run-id": settings.run_name, "config-yaml": text}
     if settings.strategy == "fedprox":
         config["proximal-mu"] = settings.proximal_mu
     content["config"] = ConfigRecord(config)
-    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=f"{stage}-{rnd}")
-                for n in nodes]
+    messages = [Message(content, dst_node_id=n, message_type=MessageType.TRAIN, group_id=f"{stage}-{rnd}",
+                        ttl=settings.round_timeout) for n in nodes]
     log(INFO, "ecgtwin: %s round %d/%d: sending to %d sites", stage, rnd, settings.rounds(stage), len(nodes))
-    replies = list(grid.send_and_receive(messages, timeout=settings.round_timeout))
+    replies = exchange(grid, messages, settings.round_timeout)
     accepted, reports, refused, failed = [], [], {}, []
-    answered = {r.metadata.src_node_id for r in replies}
-    failed += [f"node {n}: no reply within {settings.round_timeout:g} s" for n in nodes if n not in answered]
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
+    for node, reply in replies.items():
+        if reply is None:
+            failed.append(f"node {node}: no reply within {settings.round_timeout:g} s")
+            continue
+        if reply.has_error():  # e.g. the node went away: the SuperLink answers for it (as node 0)
             failed.append(f"node {node}: {reply.error.reason.strip().splitlines()[-1] if reply.error.reason else reply.error.code}")
             continue
         site = str(reply.content["info"]["site"]) if "info" in reply.content.config_records else f"node {node}"
@@ -135,7 +137,7 @@ def _round(grid: Grid, settings: FederationSettings, state: RunState, stage: str
             f"{stage} round {rnd}: only {len(accepted)} of {len(nodes)} sites returned weights, fewer than "
             f"min-nodes {settings.min_nodes} (refused: {refused or 'none'}; failed: {failed or 'none'}); the "
             f"checkpoint holds the last completed round, restart to resume")
-    state.weights[stage] = _aggregate(strategy, rnd, state.weights[stage], accepted)
+    state.weights[stage] = _aggregate(strategy, rnd, state.weights[stage], accepted, shapes)
     entry = round_entry(stage, rnd, reports, refused, failed, time.perf_counter() - started, settings.strategy)
     state.history.append(entry)
     log(INFO, "ecgtwin: %s round %d done in %.1f s: %d sites, mean loss %s, epsilon %s", stage, rnd,
@@ -143,19 +145,38 @@ def _round(grid: Grid, settings: FederationSettings, state: RunState, stage: str
         {s: round(r["epsilon"], 3) for s, r in entry["sites"].items() if "epsilon" in r} or "n/a")
 
 
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll_s: float = POLL_S) -> dict[int, Message | None]:
+    """Send, then collect each node's reply (None where none came within `timeout`), keyed by the node the
+    message went to: a reply is matched to its message, not to its sender, because the SuperLink itself
+    answers for a node that went away. Polls every `poll_s` (send_and_receive waits 3 s between pulls)."""
+    pushed = set(grid.push_messages(messages)) - {None}  # a message that was not pushed gets no reply
+    ids = [m.metadata.message_id for m in messages]
+    node_of = dict(zip(ids, (m.metadata.dst_node_id for m in messages)))
+    replies: dict[str, Message] = {}
+    ids = [mid for mid in ids if mid in pushed]
+    deadline = time.monotonic() + timeout
+    while len(replies) < len(ids):
+        for reply in grid.pull_messages([i for i in ids if i not in replies]):
+            replies[reply.metadata.reply_to_message_id] = reply
+        if len(replies) == len(ids) or time.monotonic() > deadline:
+            break
+        time.sleep(poll_s)
+    return {node: replies.get(mid) for mid, node in node_of.items()}
+
+
 def _check(reply: Message, shapes: dict, metrics: dict) -> str | None:
     """The server's own check of a site's reply (the site checks before sending, too)."""
     if "arrays" not in reply.content.array_records:
         return "no weights"
     arrays = reply.content["arrays"]
-    if set(arrays.keys()) != set(shapes):
+    if set(arrays.keys()) != {FLAT}:
         return "array names are not the model's"
-    for name, array in arrays.items():
-        value = array.numpy()
-        if tuple(value.shape) != tuple(shapes[name]):
-            return f"{name}: shape {value.shape} is not the model's {shapes[name]}"
-        if not np.all(np.isfinite(value)):
-            return f"{name}: non-finite weights"
+    try:
+        unpack(arrays[FLAT].numpy(), shapes)
+    except ValueError as exc:
+        return f"weights: {exc}"
+    if not np.all(np.isfinite(arrays[FLAT].numpy())):
+        return "non-finite weights"
     unknown = sorted(set(metrics) - ALLOWED_METRICS)
     if unknown:
         return f"metrics outside the allowlist: {unknown}"
@@ -164,19 +185,30 @@ def _check(reply: Message, shapes: dict, metrics: dict) -> str | None:
     return None
 
 
-def _aggregate(strategy: FedAvg, rnd: int, current: dict, replies: list[Message]) -> dict:
-    """The strategy's aggregate_train on the accepted replies (the trainable tensors), reduced to weights and
-    the weighting count, merged into the global weights (frozen tensors stay bit-identical)."""
+def _aggregate(strategy: FedAvg, rnd: int, current: dict, replies: list[Message], shapes: dict) -> dict:
+    """The strategy's aggregate_train on the accepted replies (the trainable tensors, packed: every strategy
+    here works element by element), reduced to weights and the weighting count, merged into the global
+    weights (frozen tensors stay bit-identical)."""
     for reply in replies:
         reply.content = RecordDict({"arrays": reply.content["arrays"],
                                     "metrics": MetricRecord({"num-examples": reply.content["metrics"]["num-examples"]})})
-    sent = set(replies[0].content["arrays"].keys())
     if hasattr(strategy, "current_arrays"):  # FedOpt family: the server optimiser steps from the global weights
-        strategy.current_arrays = {k: np.asarray(v) for k, v in current.items() if k in sent}
+        strategy.current_arrays = {FLAT: pack(current, shapes)}
     arrays, _ = strategy.aggregate_train(rnd, replies)
     if arrays is None:
         raise FederationError(f"round {rnd}: the strategy aggregated nothing")
-    return {**current, **{k: np.asarray(a.numpy(), dtype=current[k].dtype) for k, a in arrays.items()}}
+    merged = unpack(np.asarray(arrays[FLAT].numpy()), shapes)
+    return {**current, **{k: v.astype(current[k].dtype, copy=False) for k, v in merged.items()}}
+
+
+def _wait_for_rejoin(grid: Grid, nodes: list[int], seen: set[int], wait: float) -> list[int]:
+    """Up to `wait` s more for nodes that took part in earlier rounds and are not connected now (a restarted
+    SuperNode comes back with its node id); the round goes ahead without those still away."""
+    deadline = time.monotonic() + wait
+    while not seen <= set(nodes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = sorted(grid.get_node_ids())
+    return nodes
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, wait: float) -> list[int]:

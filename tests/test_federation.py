@@ -1,6 +1,6 @@
 """Federation: the site's side (refusals, the reply allowlist, what a message carries), the server loop
-(aggregation, refusals, too few sites, checkpoint and resume) on an in-process grid, a real simulation
-in Flower's engine, and a real TLS deployment with SuperNode authentication on loopback.
+(aggregation, refusals, too few sites, checkpoint and resume) on an in-process grid, and a real simulation
+in Flower's engine. The real TLS deployment and its faults are in test_loopback.py.
 
 Everything runs on a tiny consortium (3 sites x 8 patients x 3 records, 256 samples per record, a tiny
 model, fixed noise multipliers so that planning takes no time) with 1 round per stage and 2 local steps.
@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,11 +26,11 @@ from ecgtwin.config import load_config, save_config
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.preprocess import PreprocessConfig
 from ecgtwin.data.synthetic import synthesize_consortium
-from ecgtwin.config import STAGES, config_text
+from ecgtwin.config import STAGES, config_from_text, config_text
 from ecgtwin.coordinator.settings import FederationError
 from ecgtwin.coordinator.state import RunState
 from ecgtwin.coordinator.status import read_status
-from ecgtwin.weights import initial_weights, model_shapes
+from ecgtwin.weights import FLAT, initial_weights, model_shapes, pack, trainable_shapes, unpack
 from ecgtwin.privacy import Ledger
 from ecgtwin.site import ALLOWED_CONFIG, PRIVATE_METRICS, ReplyRejected, Site, check_reply
 
@@ -182,16 +181,13 @@ def flower_identity():
 
 def inspect_reply(content, config, stage: str, store_patients: list[str]) -> None:
     """What may leave a site: the stage model's tensors, allowlisted numbers, the site name and a reason."""
-    shapes = model_shapes(stage, config)
-    latent = (config.model.vae.latent_channels, N_SAMPLES // 8)
+    shapes = trainable_shapes(stage, config)
     for record_name, record in content.array_records.items():
-        assert record_name == "arrays"
-        for name, array in record.items():
-            value = array.numpy()
-            assert name in shapes and value.shape == shapes[name], name
-            assert value.dtype == np.float32
-            # nothing shaped like a signal, a batch of signals or a latent of a patient
-            assert not (value.ndim >= 2 and value.shape[-2:] in {(12, N_SAMPLES), latent}), name
+        assert record_name == "arrays" and list(record) == [FLAT]
+        value = record[FLAT].numpy()
+        # one float32 vector exactly as long as the stage's trainable tensors: no room for anything else
+        assert value.dtype == np.float32 and value.shape == (sum(int(np.prod(v)) for v in shapes.values()),)
+        assert set(unpack(value, shapes)) == set(shapes)
     for record in content.metric_records.values():
         assert set(record) <= PRIVATE_METRICS  # every site of these tests is private
         assert all(isinstance(v, (int, float)) for v in record.values())
@@ -215,7 +211,7 @@ def test_client_messages_carry_only_weights_and_allowlisted_metrics(consortium, 
                    "state-path": str(sites / "site_a" / "state")}
     weights = global_weights(config, "twin")
     for stage in ("vae", "ibe", "twin"):
-        content = RecordDict({s: ArrayRecord({k: Array(v) for k, v in weights[s].items()})
+        content = RecordDict({s: ArrayRecord({FLAT: Array(pack(weights[s], model_shapes(s, config)))})
                               for s in ("vae", "ibe", "twin")[: ("vae", "ibe", "twin").index(stage) + 1]})
         content["config"] = ConfigRecord({"stage": stage, "round": 1, "run-id": "t", "config-yaml": config_text(config)})
         message = Message(content, dst_node_id=7, message_type="train")
@@ -224,7 +220,7 @@ def test_client_messages_carry_only_weights_and_allowlisted_metrics(consortium, 
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         inspect_reply(reply.content, config, stage, patients)
         assert reply.content["metrics"]["num-examples"] > 0 and "epsilon" in reply.content["metrics"]
-        weights[stage] = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+        weights[stage] = unpack(reply.content["arrays"][FLAT].numpy(), trainable_shapes(stage, config))
     # a refusal carries no arrays at all, only the flag and the reason
     spent = Ledger(sites / "site_a" / "state" / "ledger.jsonl").entries()[-1]["epsilon"]
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(policy(site="site_a", epsilon=spent * 1.001)))
@@ -255,22 +251,30 @@ class LocalGrid:
         self.sent: list[tuple[str, int, int]] = []
         self.replies: list[tuple[dict, int]] = []  # (arrays, num-examples) of every reply with weights
         self.messages: list = []  # those replies
+        self.pending: dict = {}  # message id -> reply not yet pulled
 
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
+        """Run each node's ClientApp on its message now; the replies wait to be pulled (as at a SuperLink)."""
+        from uuid import uuid4
+
         from flwr.app import Context, Error, Message, RecordDict
 
-        replies = []
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = mid = uuid4().hex
+            ids.append(mid)
             node, config = message.metadata.dst_node_id, message.content["config"]
             self.sent.append((str(config["stage"]), int(config["round"]), node))
             action = self.fail(node, str(config["stage"]), int(config["round"]))
             if action == "crash":
                 raise KeyboardInterrupt("server killed")
-            if action == "error":
-                replies.append(Message(Error(code=0, reason="node went away"), reply_to=message))
+            if action == "error":  # what a SuperLink answers for a node that went away: sent by node 0
+                reply = Message(Error(code=0, reason="node went away"), reply_to=message)
+                reply.metadata.__dict__["_src_node_id"] = 0
+                self.pending[mid] = reply
                 continue
             site = self.sites / self.nodes[node]
             context = Context(run_id=1, node_id=node, state=RecordDict(), run_config={},
@@ -278,11 +282,15 @@ class LocalGrid:
                                            "state-path": str(site / "state")})
             reply = self.app(message, context)
             if "arrays" in reply.content.array_records:
-                self.replies.append(({k: a.numpy() for k, a in reply.content["arrays"].items()},
+                shapes = trainable_shapes(str(config["stage"]), config_from_text(str(config["config-yaml"])))
+                self.replies.append((unpack(reply.content["arrays"][FLAT].numpy(), shapes),
                                      int(reply.content["metrics"]["num-examples"])))
                 self.messages.append(reply)
-            replies.append(reply)
-        return replies
+            self.pending[mid] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.pending.pop(mid) for mid in list(message_ids) if mid in self.pending]
 
 
 def run_config(consortium, out: Path, **overrides) -> dict:
@@ -305,6 +313,8 @@ def test_refusals_are_dropped_and_too_few_sites_stop_the_run(consortium, sites, 
         run_federation(grid, run_config(consortium, tmp_path / "out", **{"rounds-twin": 0}))
     status = read_status(tmp_path / "out")
     assert status["status"] == "failed" and "min-nodes" in status["message"]
+    failed = status["message"].split("failed: ")[1]
+    assert failed.count("node 101: node went away") == 1 and "node 0" not in failed  # the node it was sent to
     history = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [(e["stage"], e["round"], sorted(e["sites"])) for e in history] == [("vae", 1, list(SITES))]
     state = RunState.load(tmp_path / "out")
@@ -329,7 +339,8 @@ def test_every_strategy_aggregates_the_sites_weights(consortium, sites, tmp_path
                 "fedtrimmedavg": {k: v.mean(axis=0) for k, v in stacked.items()}}  # 3 sites, beta 0.2: no trim
     for strategy in ("fedprox", "fedmedian", "fedtrimmedavg", "fedadam"):
         settings = FederationSettings.from_run_config({"strategy": strategy})
-        got = _aggregate(make_strategy(settings), 1, start, [copy.deepcopy(m) for m in grid.messages])
+        got = _aggregate(make_strategy(settings), 1, start, [copy.deepcopy(m) for m in grid.messages],
+                         trainable_shapes("vae", consortium["config"]))
         if strategy != "fedadam":
             for k in start:
                 np.testing.assert_allclose(got[k], expected[strategy][k], rtol=1e-5, atol=1e-6, err_msg=strategy)
@@ -423,108 +434,6 @@ def test_simulation_end_to_end(consortium, sites, tmp_path):
             assert reported["num-examples"] == 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def test_tls_deployment_with_supernode_authentication(consortium, sites, tmp_path):
-    certs, logs = tmp_path / "certs", tmp_path / "logs"
-    logs.mkdir()
-    subprocess.run(["bash", str(ROOT / "deploy" / "make_certs.sh"), str(certs)], check=True, capture_output=True)
-    subprocess.run(["bash", str(ROOT / "deploy" / "make_certs.sh"), "--keys-only", str(certs), "site_d"], check=True,
-                   capture_output=True)
-    port = free_port()
-    cli_home = tmp_path / "cli-home"
-    cli_home.mkdir()
-    (cli_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "ecgtwin"\n\n[superlink.ecgtwin]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs / "ca.crt"}"\n')
-    cli_env = env_for_flower(cli_home)
-    processes: list[subprocess.Popen] = []
-
-    def start(name: str, command: list[str], home: Path) -> subprocess.Popen:
-        home.mkdir(parents=True, exist_ok=True)
-        log = (logs / f"{name}.log").open("w")
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env_for_flower(home), cwd=tmp_path,
-                                   start_new_session=True)
-        processes.append(process)
-        return process
-
-    def log_of(name: str) -> str:
-        return (logs / f"{name}.log").read_text()
-
-    try:
-        start("superlink", [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
-                            "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "superlink/server.pem"),
-                            "--ssl-keyfile", str(certs / "superlink/server.key"), "--enable-supernode-auth",
-                            "--isolation", "subprocess", "--disable-runtime-dependency-installation",
-                            "--database", str(tmp_path / "superlink.db")], tmp_path / "superlink-home")
-        for site in SITES:
-            wait_for(lambda: subprocess.run([str(BIN / "flwr"), "supernode", "register",
-                                             str(certs / site / "auth.pub"), "ecgtwin"], env=cli_env,
-                                            capture_output=True, text=True).returncode == 0, 60,
-                     f"registering {site}", interval=2)
-
-        def supernode(site: str, key_of: str) -> subprocess.Popen:
-            node_config = (f'data-path="{sites / site / "store"}" policy-path="{sites / site / "privacy.yaml"}" '
-                           f'state-path="{sites / site / "state"}"')
-            return start(site, [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-                                "--root-certificates", str(certs / "ca.crt"),
-                                "--auth-supernode-private-key", str(certs / key_of / "auth.key"),
-                                "--isolation", "subprocess", "--port", str(free_port()), "--node-config", node_config],
-                         tmp_path / f"{site}-home")
-
-        for site in SITES:
-            supernode(site, site)
-        (sites / "site_d").mkdir()  # a fourth site whose key the coordinator never registered
-        shutil.copy(sites / "site_a" / "privacy.yaml", sites / "site_d" / "privacy.yaml")
-        intruder = supernode("site_d", "site_d")
-        wait_for(lambda: intruder.poll() is not None, 60, "the unregistered SuperNode to be refused")
-        assert intruder.returncode == 1 and "Failed to activate SuperNode" in log_of("site_d")
-        wait_for(lambda: all(f"SuperNode ID" in log_of(s) for s in SITES), 60, "the registered SuperNodes")
-
-        out = tmp_path / "out"
-        overrides = (f'config="{consortium["config_path"]}" out="{out}" rounds-vae=1 rounds-ibe=1 rounds-twin=1 '
-                     f'min-nodes=3 node-wait=60.0 run-name="tls-test"')
-        run = subprocess.run([str(BIN / "flwr"), "run", str(ROOT), "ecgtwin", "--run-config", overrides],
-                             env=cli_env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-        status = wait_for(lambda: (read_status(out) or {}).get("status") in ("finished", "failed") and read_status(out),
-                          420, "the run to finish")
-        assert status["status"] == "finished", status.get("message", "") + log_of("superlink")[-3000:]
-        generator_works(out / "model")
-        for site in SITES:
-            assert [(e["stage"], e["round"], e["run"]) for e in Ledger(sites / site / "state" / "ledger.jsonl").entries()] \
-                == [("vae", 1, "tls-test"), ("ibe", 1, "tls-test"), ("twin", 1, "tls-test")]
-        assert not (sites / "site_d" / "state").exists()
-        assert "Activated node_id" in log_of("superlink")
-    finally:
-        for process in reversed(processes):
-            stop(process)
-
-
 def weighted_mean(updates: list[tuple[dict, float]]) -> dict:
     """FedAvg by hand, in float64: the reference the strategies are checked against."""
     total = float(sum(w for _, w in updates))
@@ -543,7 +452,7 @@ def test_a_failure_at_a_site_reaches_the_server_as_a_category_only(consortium, s
     lines = (store / "records.csv").read_text().splitlines()
     (store / "records.csv").write_text("\n".join(lines[:5]) + "\n")
     config = consortium["config"]
-    content = RecordDict({"vae": ArrayRecord({k: Array(v) for k, v in initial_weights("vae", config).items()})})
+    content = RecordDict({"vae": ArrayRecord({FLAT: Array(pack(initial_weights("vae", config), model_shapes("vae", config)))})})
     content["config"] = ConfigRecord({"stage": "vae", "round": 1, "run-id": "t", "config-yaml": config_text(config)})
     node_config = {"data-path": str(store), "policy-path": str(sites / "site_a" / "privacy.yaml"),
                    "state-path": str(sites / "site_a" / "state")}

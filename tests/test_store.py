@@ -6,8 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ecgtwin.data import prepare, readers
 from ecgtwin.data.prepare import prepare_store
+from ecgtwin.data.preprocess import PreprocessConfig
 from ecgtwin.data.store import SiteStore
+from ecgtwin.errors import UserError
 
 
 def test_store_groups_records_by_patient_earliest_first(ptbxl_root, tmp_path):
@@ -45,3 +48,42 @@ def test_rerun_replaces_the_store_and_an_interrupted_run_keeps_the_old_one(ptbxl
 def test_opening_something_that_is_not_a_store_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a site store"):
         SiteStore(tmp_path)
+
+
+def test_two_workers_write_the_same_store_as_one(ptbxl_root, tmp_path):
+    prepare_store("ptbxl", ptbxl_root, tmp_path / "one", rate=100, workers=1)
+    prepare_store("ptbxl", ptbxl_root, tmp_path / "two", rate=100, workers=2)
+    one, two = SiteStore(tmp_path / "one"), SiteStore(tmp_path / "two")
+    pd.testing.assert_frame_equal(one.records, two.records)
+    np.testing.assert_array_equal(np.asarray(one.signals), np.asarray(two.signals))
+
+
+def test_parallel_prepare_keeps_a_bounded_number_of_records_in_flight(ptbxl_root):
+    """A site of 100,000 records must not be queued (and its finished signals held) all at once."""
+    tasks, _ = readers.scan("ptbxl", ptbxl_root, rate=100)
+    taken = []
+
+    def counted():
+        for task in tasks:
+            taken.append(task)
+            yield task
+
+    results = prepare._run(counted(), PreprocessConfig(), workers=2)
+    next(results)
+    assert len(taken) <= prepare.IN_FLIGHT_PER_WORKER * 2 < len(tasks)
+    assert sum(1 for _ in results) == len(tasks) - 1  # and every record still comes out, once
+    results.close()
+
+
+def test_reading_rows_gives_them_in_the_order_asked_and_names_a_truncated_file(ptbxl_root, tmp_path):
+    prepare_store("ptbxl", ptbxl_root, tmp_path / "s", rate=100)
+    store = SiteStore(tmp_path / "s")
+    rows = np.array([399, 3, 3, 0, 250])
+    np.testing.assert_array_equal(store.read(rows), np.asarray(store.signals[rows]))
+    assert store.read(np.array([], dtype=int)).shape == (0, 12, 1024)
+    path = tmp_path / "s" / "signals.npy"
+    with open(path, "r+b") as f:  # cut the last record short, under an already opened store
+        f.truncate(path.stat().st_size - 100)
+    np.testing.assert_array_equal(store.read(np.array([3, 0])), np.asarray(store.signals[[3, 0]]))  # whole rows still read
+    with pytest.raises(UserError, match=r"signals.npy: row 399 .*truncated"):
+        store.read(rows)

@@ -53,3 +53,19 @@ def test_a_local_model_path_is_accepted_and_a_wrong_one_is_a_clear_error(tmp_pat
     assert resolve_model_path(str(resolve_model_path(BUNDLED))) == resolve_model_path(BUNDLED)
     with pytest.raises(FileNotFoundError, match="not a local sentence-transformers model"):
         StatementEncoder(str(tmp_path))
+
+
+def test_condition_tokens_keep_each_statement_once_and_give_every_record_its_own(encoder):
+    from ecgtwin.conditioning import Conditioner, PatientInfoNormalizer
+
+    reports = ["Sinus rhythm. Left bundle branch block", "Sinus rhythm", "", "Left bundle branch block. Sinus rhythm"] * 50
+    normalizer = PatientInfoNormalizer.fit(np.full(len(reports), 70.0), np.full(len(reports), 60.0))
+    conditions = Conditioner(encoder, normalizer, max_statements=8).build(
+        reports, np.full(len(reports), 70.0), np.full(len(reports), 60.0), ["F"] * len(reports))
+    assert conditions.vocabulary.shape == (3, 384)  # the empty statement, and two distinct ones: not 200 x 2
+    tokens, mask = conditions.tokens(slice(0, 4))
+    rhythm, lbbb = encoder.embed(["Sinus rhythm", "Left bundle branch block"])
+    np.testing.assert_allclose(tokens[0, :, :384].numpy(), np.stack([rhythm, lbbb]), atol=1e-6)
+    np.testing.assert_allclose(tokens[3, :, :384].numpy(), np.stack([lbbb, rhythm]), atol=1e-6)
+    assert mask[:4].tolist() == [[True, True], [True, False], [True, False], [True, True]]
+    assert not tokens[2, :, :384].any() and tokens[2, 0, 384:].abs().sum() > 0  # no statement: patient info only

@@ -26,6 +26,7 @@ class FederationSettings:
     strategy: str = "fedavg"
     min_nodes: int = 2
     node_wait: float = 120.0  # seconds to wait for min_nodes SuperNodes to connect
+    rejoin_wait: float = 0.0  # seconds a round waits for the nodes that took part before to be back
     round_timeout: float = 3600.0  # seconds to wait for the replies of one round
     proximal_mu: float = 0.01  # FedProx
     server_lr: float = 0.01  # FedAdam's eta

@@ -34,6 +34,10 @@ class RunState:
     def done(self, stage: str, round: int) -> bool:
         return (stage, round) in {tuple(c) for c in self.completed}
 
+    def nodes_seen(self) -> set[int]:
+        """The node ids of every site that returned weights in an earlier round."""
+        return {int(r["node_id"]) for e in self.history for r in e["sites"].values() if "node_id" in r}
+
     def last(self) -> tuple[str, int] | None:
         return tuple(self.completed[-1]) if self.completed else None
 

@@ -22,6 +22,7 @@ from ecgtwin.data.signal import heart_rate
 from ecgtwin.errors import UserError
 
 Kept = tuple[dict, np.ndarray, bool]  # store row, signal, was cropped
+IN_FLIGHT_PER_WORKER = 16  # enough to hide the writer's pauses, few enough to bound memory (~50 kB each)
 
 
 def prepare_store(
@@ -93,11 +94,20 @@ def _name(record: Record) -> str:
 
 
 def _run(tasks: list, config: PreprocessConfig, workers: int) -> Iterator[list]:
+    """Results in task order. With workers, at most `IN_FLIGHT_PER_WORKER` tasks per worker are queued or
+    done-but-unwritten at any time: memory stays flat however large the site (Executor.map would submit
+    every task at once and could hold every finished signal while the writer catches up)."""
     if workers <= 1:
         yield from (process_task(t, config) for t in tasks)
         return
+    window = collections.deque()
     with cf.ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(process_task, tasks, [config] * len(tasks), chunksize=8)
+        for task in tasks:
+            window.append(pool.submit(process_task, task, config))
+            if len(window) >= IN_FLIGHT_PER_WORKER * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 @dataclasses.dataclass

@@ -22,12 +22,17 @@ from ecgtwin.models import LATENT_SCALE, ECGVAE, IndividualBaseExtractor
 
 
 @torch.no_grad()
-def encode_latents(vae: ECGVAE, signals: np.ndarray, batch_size: int = 64) -> torch.Tensor:
-    """The frozen VAE's posterior means, scaled by LATENT_SCALE: what the IBE and the DiT see."""
+def encode_latents(vae: ECGVAE, signals: SiteStore | np.ndarray, rows: np.ndarray | None = None,
+                   batch_size: int = 64) -> torch.Tensor:
+    """The frozen VAE's posterior means of the signals of `rows` (all when None), scaled by LATENT_SCALE:
+    what the IBE and the DiT see. A store is read a batch at a time, so a site of 100,000 records never
+    holds its signals (5 GB) in memory, only their latents (0.2 GB)."""
     vae.eval()
     device = module_device(vae)  # computed once per pass, on the pass's device, and kept there
-    out = [vae.encode(torch.as_tensor(np.asarray(signals[i:i + batch_size]), dtype=torch.float32).to(device))[0]
-           for i in range(0, len(signals), batch_size)]
+    read = signals.read if isinstance(signals, SiteStore) else (lambda r: np.asarray(signals[r]))
+    rows = np.arange(len(signals)) if rows is None else np.asarray(rows)
+    out = [vae.encode(torch.as_tensor(read(rows[i:i + batch_size]), dtype=torch.float32).to(device))[0]
+           for i in range(0, len(rows), batch_size)]
     return torch.cat(out) * LATENT_SCALE
 
 
@@ -79,7 +84,7 @@ class IBEInputs:
 
 
 def ibe_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, conditioner: Conditioner) -> IBEInputs:
-    latents = encode_latents(vae, store.signals[rows])
+    latents = encode_latents(vae, store, rows)
     conditions = store_conditions(store.records.iloc[rows], conditioner).to(latents.device)
     local = {row: i for i, row in enumerate(rows)}
     pairs = earlier_later_pairs(store, rows)
@@ -104,7 +109,7 @@ class TwinInputs:
 def twin_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, ibe: IndividualBaseExtractor,
                 conditioner: Conditioner, rng_of: Callable[[str], np.random.Generator]) -> TwinInputs:
     """Latents, conditions and the base vector of each row's reference ECG (picked with `rng_of`)."""
-    latents = encode_latents(vae, store.signals[rows])
+    latents = encode_latents(vae, store, rows)
     conditions = store_conditions(store.records.iloc[rows], conditioner).to(latents.device)
     base_all = base_vectors(ibe, latents, conditions)
     local = {row: i for i, row in enumerate(rows)}

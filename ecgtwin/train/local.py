@@ -110,12 +110,11 @@ def proximal_step(module: torch.nn.Module, lr: float, mu: float) -> Callable[[],
 
 def _vae_stage(config, store, rows, vae, frozen, conditioner, rng) -> Stage:
     settings = config.vae
-    signals = torch.from_numpy(np.asarray(store.signals[rows]))
 
     def step_loss(step: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         index = rng.choice(len(rows), size=min(settings.batch_size, len(rows)), replace=False)
         kl_weight = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
-        batch = signals[index].to(module_device(vae))
+        batch = torch.from_numpy(store.read(rows[index])).to(module_device(vae))
         return vae_batch_loss(vae, batch, kl_weight, generator).mean(), {"kl_weight": kl_weight}
 
     return Stage(vae, step_loss, len(rows))

@@ -284,7 +284,6 @@ def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
          policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None,
          device: torch.device = CPU) -> PrivateStage:
     vae = select_trainable(module_from("vae", config, weights.get("vae")), "vae", config).to(device)
-    signals = torch.from_numpy(np.asarray(store.signals[rows]))
     settings = config.vae
     latent = (config.model.vae.latent_channels, config.data.n_samples // vae.cfg.downsample_factor)
 
@@ -293,7 +292,7 @@ def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
         kl = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
         noise = _rows_from(rand, "vae-noise", step, picks, lambda g: torch.randn(latent, generator=g)).to(device)
         unit = unit.to(device)
-        return _per_unit_mean(vae_batch_loss(vae, signals[index].to(device), kl, noise=noise), unit, len(picks)), unit
+        return _per_unit_mean(vae_batch_loss(vae, torch.from_numpy(store.read(rows[index.numpy()])).to(device), kl, noise=noise), unit, len(picks)), unit
 
     return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True)
 

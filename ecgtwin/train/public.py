@@ -45,4 +45,4 @@ def public_negatives(config: ExperimentConfig, vae: ECGVAE, conditioner: Conditi
         with tempfile.TemporaryDirectory() as tmp:
             return public_negatives(config, vae, conditioner, Path(tmp), n_people)
     store = public_store(config, folder, n_people)
-    return encode_latents(vae, store.signals[:]), store_conditions(store.records, conditioner)
+    return encode_latents(vae, store), store_conditions(store.records, conditioner)

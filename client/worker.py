@@ -1,0 +1,114 @@
+"""A warm ClientApp executor for a SuperNode started with `--isolation process`.
+
+Flower runs every message in a fresh `flwr-clientapp` process, and ours imports torch, Opacus, NeuroKit2
+and the sentence encoder's library first: about 5 s per message, more when the sites share cores. This
+worker imports the ClientApp once, then asks the SuperNode for tasks and forks a child per task that
+runs Flower's own `run_clientapp` (token, heartbeat, FAB check, reply) with the modules already loaded.
+
+    flower-supernode ... --isolation process --port 9094   # its runtime API, where this worker asks
+    python -m client.worker --runtime-api-address 127.0.0.1:9094 --insecure --parent-pid <supernode pid>
+
+The child runs the ClientApp the site has installed (client.app, imported here), not a copy from the
+server's FAB: a site executes its own reviewed code. When the SuperNode (--parent-pid) ends, the worker
+stops its children and exits (ecgtwin.coordinator.watchdog); a child also dies with the worker itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from ecgtwin.coordinator.watchdog import watch_parent
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime-api-address", default="127.0.0.1:9094", help="the SuperNode's runtime API")
+    parser.add_argument("--insecure", action="store_true", help="plain HTTP to the runtime API (loopback)")
+    parser.add_argument("--root-certificates", help="CA certificate of the runtime API (PEM), when not insecure")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) is gone")
+    parser.add_argument("--poll", type=float, default=0.05, help="seconds between task requests")
+    args = parser.parse_args(argv)
+    if not args.insecure and not args.root_certificates:
+        parser.error("give --insecure (loopback) or --root-certificates")
+
+    import client.app  # noqa: F401  the point of this worker: torch and the rest are imported once, here
+
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    certificates = open(args.root_certificates, "rb").read() if args.root_certificates else None
+    if args.parent_pid is not None:  # Flower's own monitor only raises SIGINT, which its retry loop survives
+        watch_parent(args.parent_pid, grace=3.0)  # stops the children, then this worker, once the SuperNode is gone
+    runtime = RuntimeHttpClient.from_server_address(
+        server_address=args.runtime_api_address, insecure=args.insecure, root_certificates=certificates,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker())
+    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    print(f"client.worker: ready (pid {os.getpid()}), serving {args.runtime_api_address}", flush=True)
+    try:
+        while True:
+            _reap()
+            task = runtime.AcquireTask(request)
+            if task.HasField("task") and task.token:
+                _fork(task.token, args)
+            else:
+                time.sleep(args.poll)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        runtime.close()
+
+
+def _fork(token: str, args: argparse.Namespace) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:  # the child: Flower's own per-message ClientApp run, then exit without returning to the loop
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+        certificates = open(args.root_certificates, "rb").read() if args.root_certificates else None
+        run_clientapp(runtime_api_address=args.runtime_api_address, token=token, insecure=args.insecure,
+                      certificates=certificates, parent_pid=os.getppid(), runtime_dependency_install=False)
+        code = 0
+    except SystemExit as exc:  # run_clientapp ends with flwr_exit
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL to this child when the worker ends, however it ends."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _reap() -> None:
+    """Collect finished children, so none is left a zombie."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+if __name__ == "__main__":
+    main()
