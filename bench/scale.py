@@ -1,6 +1,6 @@
 """A hospital-sized site: prepare, open and DP-train 100,000 records on the CPU, with time and peak memory.
 
-    python -m bench.scale --records 100000 --workers 1 2 --out bench-results/scale.json
+    python -m bench.scale 100000:2:mimic-iv-ecg:vae 10000:1,2:synthetic,mimic-iv-ecg:vae,twin [--record]
 
 Two source trees of the same size are written first: the synthetic consortium's layout and MIMIC-IV-ECG's
 (files/pXXXX/pSUBJECT/sSTUDY/STUDY.{hea,dat}, record_list.csv, machine_measurements.csv). Writing
@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -90,7 +91,7 @@ def _prepare(source: str, root: str, out: str, workers: int, queue: mp.Queue) ->
                "peak_rss_mb": _peak_mb(), "worker_peak_rss_mb": _peak_mb(resource.RUSAGE_CHILDREN) if workers > 1 else None})
 
 
-def _train(store_path: str, folder: str, queue: mp.Queue) -> None:
+def _train(store_path: str, folder: str, stages: tuple[str, ...], queue: mp.Queue) -> None:
     """Open the store, then one DP-SGD pass of the VAE and of the twin model (from the demo foundation, the
     earlier stages frozen: the twin pass encodes every record once), each TRAIN_STEPS steps."""
     import torch
@@ -113,7 +114,7 @@ def _train(store_path: str, folder: str, queue: mp.Queue) -> None:
     policy = PrivacyPolicy(site="bench", epsilon=8.0, delta=1e-6, population=len(store.patients),
                            stages=StagePlans(vae=plan, ibe=plan, twin=plan))
     ledger = Ledger(Path(folder) / "ledger.jsonl")
-    for stage in ("vae", "twin"):
+    for stage in stages:
         start = time.perf_counter()
         result = private_pass(stage, config, store, weights, policy, ledger, round=1, cache_dir=Path(folder) / "cache")
         total = time.perf_counter() - start
@@ -135,13 +136,18 @@ def _in_process(target, *args) -> dict:
     return result
 
 
-def run_scale(records: int, workers: list[int], keep: Path | None = None) -> dict:
+LAYOUTS = {"synthetic": write_synthetic_tree, "mimic-iv-ecg": write_mimic_tree}
+
+
+def run_scale(records: int, workers: list[int], layouts: list[str], stages: tuple[str, ...],
+              keep: Path | None = None) -> dict:
     results: dict = {"records": records, "records_per_patient": RECORDS_PER_PATIENT, "templates": TEMPLATES,
                      "cpus": os.cpu_count(), "limit_mb": LIMIT_MB, "prepare": {}, "train": {}}
     with tempfile.TemporaryDirectory(dir=keep) as tmp:
         tmp = Path(tmp)
         templates = _templates(tmp / "templates")
-        for source, write in (("synthetic", write_synthetic_tree), ("mimic-iv-ecg", write_mimic_tree)):
+        for source in layouts:
+            write = LAYOUTS[source]
             start = time.perf_counter()
             write(tmp / source, records, templates)
             print(f"{source}: wrote {records} records in {time.perf_counter() - start:.0f} s", flush=True)
@@ -149,33 +155,51 @@ def run_scale(records: int, workers: list[int], keep: Path | None = None) -> dic
                 results["prepare"][f"{source}_workers{w}"] = row = _in_process(
                     _prepare, source, str(tmp / source), str(tmp / f"{source}-store"), w)
                 print(f"prepare {source} workers={w}: {row}", flush=True)
-            results["train"][source] = row = _in_process(_train, str(tmp / f"{source}-store"), str(tmp / f"{source}-train"))
-            print(f"open+train {source}: {row}", flush=True)
+            if stages:
+                results["train"][source] = row = _in_process(_train, str(tmp / f"{source}-store"),
+                                                             str(tmp / f"{source}-train"), stages)
+                print(f"open+train {source}: {row}", flush=True)
+            shutil.rmtree(tmp / source)
+            shutil.rmtree(tmp / f"{source}-store")
     return results
 
 
+def run_plan(plan: list[str], keep: Path | None = None) -> dict:
+    """`plan`: RECORDS:WORKERS[,WORKERS]:LAYOUT[,LAYOUT]:STAGE[,STAGE] runs (STAGE: vae, twin or -)."""
+    runs = []
+    for item in plan:
+        n, workers, layouts, stages = item.split(":")
+        runs.append(run_scale(int(n), [int(w) for w in workers.split(",")], layouts.split(","),
+                              tuple(s for s in stages.split(",") if s != "-"), keep))
+    return {"runs": runs}
+
+
+DEFAULT_PLAN = ["100000:2:mimic-iv-ecg,synthetic:vae,twin", "10000:1,2:synthetic,mimic-iv-ecg:-"]
+
+
 def run(out) -> dict:
-    """`python -m bench --only scale`: the full 100,000-record run (about an hour on 2 cores)."""
-    return run_scale(100_000, [1, 2])
+    """`python -m bench --only scale`: the default plan (hours on 2 cores)."""
+    return run_plan(DEFAULT_PLAN)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", type=int, default=100_000)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--tmp", type=Path, default=None, help="where to write the trees (needs ~6 GB per 100k)")
+    parser.add_argument("plan", nargs="*", default=DEFAULT_PLAN,
+                        help="RECORDS:WORKERS:LAYOUTS:STAGES runs, e.g. 100000:2:mimic-iv-ecg:vae "
+                             f"(default: {' '.join(DEFAULT_PLAN)})")
+    parser.add_argument("--tmp", type=Path, default=None, help="where to write the trees (~11 GB per 100k)")
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "scale.json")
     parser.add_argument("--record", action="store_true", help="also write bench/data/benchmarks/scale.json")
     args = parser.parse_args()
-    result = run_scale(args.records, args.workers, args.tmp)
+    result = run_plan(args.plan, args.tmp)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     if args.record:
         from bench.tables import record_benchmark
 
-        command = f"python -m bench.scale --records {args.records} --workers {' '.join(map(str, args.workers))} --record"
+        command = f"python -m bench.scale {' '.join(args.plan)} --record"
         print(f"recorded in {record_benchmark('scale', result, command)}")
 
 

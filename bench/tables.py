@@ -367,6 +367,7 @@ REGIONS = {
     "bench-privacy-ibe": ("benchmarks.md", "benchmarks/privacy_quality", bench_privacy_ibe),
     "bench-privacy-twin": ("benchmarks.md", "benchmarks/privacy_quality", bench_privacy_twin),
     "bench-federation": ("benchmarks.md", "benchmarks/federation", bench_federation),
+    "bench-deployment": ("benchmarks.md", "benchmarks/deployment", bench_deployment),
     "privacy-canary": ("privacy.md", "audits/canary", privacy_canary),
     "privacy-utility": ("privacy.md", "privacy_utility", privacy_utility),
 }

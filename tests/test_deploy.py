@@ -52,7 +52,14 @@ def test_the_kubernetes_manifests_render_with_certificates_and_policies(tmp_path
                 for c in o["spec"]["template"]["spec"]["containers"]]
     assert sum("flower-supernode" in c for c in commands) == 3 and sum("flower-superlink" in c for c in commands) == 1
     for command in commands:
-        assert "--insecure" not in command and "allow-runtime-dependency-installation" not in command
+        assert "allow-runtime-dependency-installation" not in command
+        # plain HTTP only to the SuperNode's runtime API on the pod's own loopback, never to the SuperLink
+        assert "--insecure" not in command or "client.worker --runtime-api-address=127.0.0.1:" in command
+    for workload in (o for o in workloads if any("flower-supernode" in " ".join(c.get("args", []))
+                                                 for c in o["spec"]["template"]["spec"]["containers"])):
+        node, worker = workload["spec"]["template"]["spec"]["containers"]
+        assert "--isolation=process" in node["args"] and "--host=127.0.0.1" in node["args"]
+        assert worker["args"][:3] == ["python", "-m", "client.worker"] and "--port=9094" in node["args"]
     link = next(c for c in commands if "flower-superlink" in c)
     assert "--enable-supernode-auth" in link and "--ssl-certfile" in link
 
@@ -66,7 +73,7 @@ def target(volume: str) -> str:
 def test_docker_compose_runs_a_tls_consortium_without_runtime_installs():
     compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"superlink", *(f"supernode-{s}" for s in SITES)}
+    assert set(services) == {"superlink", *(f"supernode-{s}" for s in SITES), *(f"clientapp-{s}" for s in SITES)}
     link = services["superlink"]
     command = " ".join(link["command"])
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
@@ -84,4 +91,10 @@ def test_docker_compose_runs_a_tls_consortium_without_runtime_installs():
         assert mounts["/data/store"].endswith(":ro") and mounts["/data/policy/privacy.yaml"].endswith(":ro")
         assert f"{site}_state" in mounts["/data/state"]  # the site's state (ledger) on its own volume
         assert node["depends_on"] == ["superlink"]
+        assert "--isolation=process" in command and "--host=127.0.0.1" in command  # the runtime API: loopback only
+        worker = services[f"clientapp-{site}"]  # the warm ClientApp, in the SuperNode's network namespace
+        assert worker["command"][:3] == ["python", "-m", "client.worker"]
+        assert worker["network_mode"] == f"service:supernode-{site}" and "networks" not in worker
+        # the site's data, policy and state, and not the SuperNode's key
+        assert {target(v): v for v in worker["volumes"]} == {k: v for k, v in mounts.items() if not k.startswith("/certs")}
     assert {f"{s}_state" for s in SITES} | {"superlink_state"} <= set(compose["volumes"])
