@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--tmp", type=Path, default=None, help="where to write the trees (~11 GB per 100k)")
     parser.add_argument("--out", type=Path, default=Path("bench-results") / "scale.json")
     parser.add_argument("--record", action="store_true", help="also write bench/data/benchmarks/scale.json")
+    parser.add_argument("--append", action="store_true",
+                        help="with --record: add these runs to the recorded ones (their commands are kept)")
     args = parser.parse_args()
     result = run_plan(args.plan, args.tmp)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +202,11 @@ def main() -> None:
         from bench.tables import record_benchmark
 
         command = f"python -m bench.scale {' '.join(args.plan)} --record"
+        recorded = ROOT / "bench" / "data" / "benchmarks" / "scale.json"
+        if args.append and recorded.is_file():
+            earlier = json.loads(recorded.read_text())
+            result = {"runs": earlier["runs"] + result["runs"]}
+            command = f"{earlier['provenance'].split('`')[1]}; then {command} --append"
         print(f"recorded in {record_benchmark('scale', result, command)}")
 
 

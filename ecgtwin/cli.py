@@ -251,6 +251,8 @@ def _add_cohort(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition")
     p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="twins sampled together, across patients and reports (default 64; larger on a GPU)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _device(p)
     _common(p)
@@ -262,7 +264,8 @@ def _run_cohort(args: argparse.Namespace) -> dict:
 
     return generate_cohort(args.checkpoint, args.store, args.report, args.out, patients=args.patients,
                            n=args.num, steps=args.steps, guidance_condition=args.guidance, seed=args.seed,
-                           progress=not args.no_progress, device=resolve_device(args.device))
+                           progress=not args.no_progress, device=resolve_device(args.device),
+                           batch_size=args.batch_size)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -174,6 +174,39 @@ class TwinGenerator:
         return self.decode(latents)
 
     @torch.no_grad()
+    def generate_batch(self, requests: list[tuple[Reference, Condition]], n: int = 1, batch_size: int = 64,
+                       sampler: str | None = None, steps: int | None = None,
+                       guidance_condition: float | None = None, guidance_person: float | None = None,
+                       seed: int = 0) -> list[np.ndarray]:
+        """n twins for each (reference, target) request, as many requests per sampling batch as fit in
+        `batch_size` rows (guidance doubles or triples a batch inside the model function). Returns one
+        (n, 12, n_samples) array per request. A batch's noise is drawn from `seed` + the index of its
+        first request, so with one request per batch this is `generate(..., seed=seed + k)`."""
+        for _, target in requests:
+            target.validate()
+        settings = self.config.generate
+        bases: dict[int, torch.Tensor] = {}
+        for reference, _ in requests:  # each person's base vector once, however many targets
+            if id(reference) not in bases:
+                bases[id(reference)] = self.base_vector(reference)
+        per_batch = max(1, batch_size // max(1, n))
+        out: list[np.ndarray] = []
+        for start in range(0, len(requests), per_batch):
+            chunk = requests[start:start + per_batch]
+            base = torch.cat([bases[id(reference)].expand(n, -1) for reference, _ in chunk])
+            tokens, mask = self._tokens([target for _, target in chunk], n)
+            model_fn = guided_model_fn(self.denoiser, base, tokens, mask,
+                                       settings.guidance_person if guidance_person is None else guidance_person,
+                                       settings.guidance_condition if guidance_condition is None else guidance_condition)
+            shape = (len(chunk) * n, self.config.model.dit.latent_channels, self.config.model.dit.n_tokens)
+            generator = torch.Generator(device=self.device).manual_seed(seed + start)
+            latents = self.diffusion.sample(model_fn, shape, sampler=sampler or settings.sampler,
+                                            steps=steps or settings.steps, generator=generator, device=self.device)
+            twins = self.decode(latents)
+            out += [twins[k * n:(k + 1) * n] for k in range(len(chunk))]
+        return out
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Scaled latents -> (n, 12, n_samples) mV signals, limb leads derived unless the config says raw."""
         twins = self.vae.decode(latents / LATENT_SCALE).cpu().numpy()
@@ -221,24 +254,29 @@ def reference_from_store(store: SiteStore, row: int) -> Reference:
 def generate_cohort(checkpoint_dir: str | Path, store_path: str | Path, reports: list[str], out: str | Path,
                     patients: int = 10, n: int = 2, steps: int | None = None,
                     guidance_condition: float | None = None, seed: int = 0, progress: bool = True,
-                    device: torch.device | str = "cpu") -> dict:
-    """Twins of the first `patients` patients of a store (earliest ECG as reference) under each report."""
+                    device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
+    """Twins of the first `patients` patients of a store (earliest ECG as reference) under each report,
+    sampled `batch_size` twins at a time across patients and reports."""
     generator = TwinGenerator(checkpoint_dir, device=device)
     store = SiteStore(store_path)
     out = Path(out)
-    rows = []
     chosen = store.patients[:patients]
-    bar = tqdm(total=len(chosen) * len(reports), desc="cohort", unit="arm", disable=not progress, file=sys.stderr)
-    for p_index, patient in enumerate(chosen):
-        reference = reference_from_store(store, int(store.records_of(patient)[0]))
-        own = reference.condition
-        for r_index, report in enumerate(reports):
-            target = Condition(report, own.hr, own.age, own.sex)
-            twins = generator.generate(reference, target, n=n, steps=steps, guidance_condition=guidance_condition,
-                                       seed=seed + 1000 * p_index + r_index)
-            written = write_twins(out / _safe(patient), twins, generator.preprocess.fs, reference, target,
+    references = {p: reference_from_store(store, int(store.records_of(p)[0])) for p in chosen}
+    arms = [(p, r_index, Condition(report, references[p].condition.hr, references[p].condition.age,
+                                   references[p].condition.sex))
+            for p in chosen for r_index, report in enumerate(reports)]
+    per_batch = max(1, batch_size // max(1, n))
+    rows = []
+    bar = tqdm(total=len(arms), desc="cohort", unit="arm", disable=not progress, file=sys.stderr)
+    for start in range(0, len(arms), per_batch):
+        chunk = arms[start:start + per_batch]
+        twins = generator.generate_batch([(references[p], target) for p, _, target in chunk], n=n,
+                                         batch_size=batch_size, steps=steps, guidance_condition=guidance_condition,
+                                         seed=seed + start)
+        for (patient, r_index, target), arm in zip(chunk, twins):
+            written = write_twins(out / _safe(patient), arm, generator.preprocess.fs, references[patient], target,
                                   out_fs=generator.config.generate.out_fs, prefix=f"arm{r_index}")
-            rows += [{"patient_id": patient, "reference": reference.source, **w} for w in written]
+            rows += [{"patient_id": patient, "reference": references[patient].source, **w} for w in written]
             bar.update(1)
     bar.close()
     table = pd.DataFrame(rows)
