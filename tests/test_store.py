@@ -1,6 +1,8 @@
 """The site store: grouped by patient and time, atomic, safe to rebuild."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,9 +15,16 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.errors import UserError
 
 
-def test_store_groups_records_by_patient_earliest_first(ptbxl_root, tmp_path):
-    prepare_store("ptbxl", ptbxl_root, tmp_path / "s", rate=100)
-    store = SiteStore(tmp_path / "s")
+@pytest.fixture(scope="module")
+def ptbxl_store(ptbxl_root, tmp_path_factory) -> Path:
+    """PTB-XL's records at 100 Hz, prepared with 2 workers (read-only: tests that damage it copy it)."""
+    out = tmp_path_factory.mktemp("store") / "s"
+    prepare_store("ptbxl", ptbxl_root, out, rate=100, workers=2)
+    return out
+
+
+def test_store_groups_records_by_patient_earliest_first(ptbxl_root, ptbxl_store):
+    store = SiteStore(ptbxl_store)
     table = pd.read_csv(ptbxl_root / "ptbxl_database.csv")
     assert len(store) == 400 and store.signals.shape == (400, 12, 1024)
     assert len(store.patients) == table.patient_id.nunique()
@@ -23,7 +32,7 @@ def test_store_groups_records_by_patient_earliest_first(ptbxl_root, tmp_path):
         rows = store.records.iloc[store.records_of(str(int(patient)))]
         assert sorted(rows.record_id) == sorted(f"ptbxl-{i}" for i in group.ecg_id)
         assert list(rows.recording_time) == sorted(rows.recording_time)
-    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    manifest = json.loads((ptbxl_store / "manifest.json").read_text())
     assert manifest["representation"]["fs"] == pytest.approx(102.4)
     assert manifest["summary"]["patients_with_multiple_records"] == int((table.patient_id.value_counts() > 1).sum())
 
@@ -50,10 +59,10 @@ def test_opening_something_that_is_not_a_store_is_a_clear_error(tmp_path):
         SiteStore(tmp_path)
 
 
-def test_two_workers_write_the_same_store_as_one(ptbxl_root, tmp_path):
+def test_two_workers_write_the_same_store_as_one(ptbxl_root, ptbxl_store, tmp_path):
     prepare_store("ptbxl", ptbxl_root, tmp_path / "one", rate=100, workers=1)
-    prepare_store("ptbxl", ptbxl_root, tmp_path / "two", rate=100, workers=2)
-    one, two = SiteStore(tmp_path / "one"), SiteStore(tmp_path / "two")
+    one, two = SiteStore(tmp_path / "one"), SiteStore(ptbxl_store)
+    np.testing.assert_array_equal(two.read(np.arange(len(two))[::-1]), np.asarray(one.signals)[::-1])
     pd.testing.assert_frame_equal(one.records, two.records)
     np.testing.assert_array_equal(np.asarray(one.signals), np.asarray(two.signals))
 
@@ -75,8 +84,8 @@ def test_parallel_prepare_keeps_a_bounded_number_of_records_in_flight(ptbxl_root
     results.close()
 
 
-def test_reading_rows_gives_them_in_the_order_asked_and_names_a_truncated_file(ptbxl_root, tmp_path):
-    prepare_store("ptbxl", ptbxl_root, tmp_path / "s", rate=100)
+def test_reading_rows_gives_them_in_the_order_asked_and_names_a_truncated_file(ptbxl_store, tmp_path):
+    shutil.copytree(ptbxl_store, tmp_path / "s")
     store = SiteStore(tmp_path / "s")
     rows = np.array([399, 3, 3, 0, 250])
     np.testing.assert_array_equal(store.read(rows), np.asarray(store.signals[rows]))
