@@ -133,7 +133,7 @@ def _train_public_objective(config, store: SiteStore, checkpoint: Checkpoint, ne
 def _held_out(config, store: SiteStore, checkpoint: Checkpoint):
     _, held = split_patients(store.patients, config.data.held_out_fraction, config.data.split_seed)
     rows = np.concatenate([store.records_of(p) for p in held])
-    latents = encode_latents(frozen_vae(config, checkpoint.load_arrays("vae")), store.signals[rows])
+    latents = encode_latents(frozen_vae(config, checkpoint.load_arrays("vae")), store, rows)
     conditions = store_conditions(store.records.iloc[rows], load_conditioner(config, checkpoint.path))
     return rows, latents, conditions, store.records.patient_id.to_numpy()[rows]
 

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.insecure and not args.root_certificates:
         parser.error("give --insecure (loopback) or --root-certificates")
+    try:
+        certificates = open(args.root_certificates, "rb").read() if args.root_certificates else None
+    except OSError as exc:
+        parser.error(f"{args.root_certificates}: cannot read the CA certificate ({exc.strerror})")
 
     import client.app  # noqa: F401  the point of this worker: torch and the rest are imported once, here
 
@@ -44,7 +48,6 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
-    certificates = open(args.root_certificates, "rb").read() if args.root_certificates else None
     if args.parent_pid is not None:  # Flower's own monitor only raises SIGINT, which its retry loop survives
         watch_parent(args.parent_pid, grace=3.0)  # stops the children, then this worker, once the SuperNode is gone
     runtime = RuntimeHttpClient.from_server_address(
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             _reap()
             task = runtime.AcquireTask(request)
             if task.HasField("task") and task.token:
-                _fork(task.token, args)
+                _fork(task.token, args, certificates)
             else:
                 time.sleep(args.poll)
     except KeyboardInterrupt:
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         runtime.close()
 
 
-def _fork(token: str, args: argparse.Namespace) -> int:
+def _fork(token: str, args: argparse.Namespace, certificates: bytes | None) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -77,7 +80,6 @@ def _fork(token: str, args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-        certificates = open(args.root_certificates, "rb").read() if args.root_certificates else None
         run_clientapp(runtime_api_address=args.runtime_api_address, token=token, insecure=args.insecure,
                       certificates=certificates, parent_pid=os.getppid(), runtime_dependency_install=False)
         code = 0

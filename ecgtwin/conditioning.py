@@ -72,11 +72,6 @@ class Conditions:
     def to(self, device: torch.device | str) -> "Conditions":
         return Conditions(*(t.to(device) for t in (self.vocabulary, self.ids, self.mask, self.patient)))
 
-    @property
-    def statements(self) -> torch.Tensor:
-        """(n, S, E) statement embeddings of every record (materialised: for small sets only)."""
-        return self.vocabulary[self.ids]
-
     def tokens(self, index: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens (b, S, E + 3), mask (b, S)) for the selected records."""
         index = slice(None) if index is None else index

@@ -27,6 +27,7 @@ from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.preprocess import PreprocessConfig
 from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.config import STAGES, config_from_text, config_text
+from ecgtwin.coordinator.loopback import flower_env
 from ecgtwin.coordinator.settings import FederationError
 from ecgtwin.coordinator.state import RunState
 from ecgtwin.coordinator.status import read_status
@@ -35,7 +36,6 @@ from ecgtwin.privacy import Ledger
 from ecgtwin.site import ALLOWED_CONFIG, PRIVATE_METRICS, ReplyRejected, Site, check_reply
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 N_SAMPLES = 256
 SITES = ("site_a", "site_b", "site_c")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -387,18 +387,11 @@ def generator_works(model: Path) -> None:
     assert generator.config.data.n_samples == N_SAMPLES
 
 
-def env_for_flower(home: Path) -> dict:
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    return env
-
-
 def test_simulation_end_to_end(consortium, sites, tmp_path):
     out = tmp_path / "out"
     config = run_config(consortium, out, **{"sites-root": str(sites), "min-nodes": 3, "node-wait": 60.0})
     done = subprocess.run([sys.executable, "-m", "server.simulate", "--run-config", json.dumps(config)], cwd=ROOT,
-                          env=env_for_flower(tmp_path / "flwr"), capture_output=True, text=True, timeout=600)
+                          env=flower_env(tmp_path / "flwr"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_status(out)["status"] == "finished"
     generator_works(out / "model")
@@ -542,7 +535,7 @@ def test_a_pass_killed_mid_round_is_retried_without_a_second_charge(consortium, 
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(slow))
     ledger_file = sites / "site_a" / "state" / "ledger.jsonl"
     child = subprocess.Popen([sys.executable, "-c", CRASHING_PASS, str(sites), str(consortium["config_path"]),
-                              str(tmp_path / "never.npz")], cwd=ROOT, env=env_for_flower(tmp_path / "flwr"))
+                              str(tmp_path / "never.npz")], cwd=ROOT, env=flower_env(tmp_path / "flwr"))
     deadline = time.monotonic() + 240
     while not (ledger_file.is_file() and ledger_file.read_text().strip()) and time.monotonic() < deadline:
         assert child.poll() is None, "the pass ended (or failed) before its charge"

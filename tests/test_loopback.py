@@ -127,3 +127,14 @@ def test_tls_deployment_survives_a_supernode_kill_and_a_superlink_restart(consor
             assert ledger(sites, site) == [("vae", 1, "fault-test"), ("ibe", 1, "fault-test"), ("twin", 1, "fault-test")]
         assert not (sites / "site_d" / "state").exists()
     assert not net.survivors(), "a process of the deployment outlived it"
+
+
+def test_the_worker_refuses_a_missing_certificate_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "client.worker", "--root-certificates", str(tmp_path / "ca.crt")],
+                          capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith(f"{tmp_path / 'ca.crt'}: cannot read the CA certificate "
+                                                         "(No such file or directory)")

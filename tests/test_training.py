@@ -95,7 +95,7 @@ def identity_margin(ibe, latents, conditions, patient_ids):
 def test_ibe_separates_patients_it_never_saw(trained):
     store, checkpoint, config = SiteStore(trained["store"]), Checkpoint(trained["ckpt"]), trained["config"]
     rows = held_out_rows(store)
-    latents = encode_latents(frozen_vae(config, checkpoint.load_arrays("vae")), store.signals[rows])
+    latents = encode_latents(frozen_vae(config, checkpoint.load_arrays("vae")), store, rows)
     conditions = store_conditions(store.records.iloc[rows], load_conditioner(config, checkpoint.path))
     patients = store.records.patient_id.to_numpy()[rows]
     trained_margin = identity_margin(checkpoint.load_weights("ibe", IndividualBaseExtractor(config.model.ibe)),

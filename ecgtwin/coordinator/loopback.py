@@ -63,6 +63,7 @@ def group_alive(pgid: int) -> list[int]:
 
 
 def flower_env(home: Path, marker: str = "") -> dict:
+    """The environment of a Flower process: its own FLWR_HOME, no telemetry, this repository importable."""
     env = {**os.environ, MARKER: marker, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])

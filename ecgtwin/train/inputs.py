@@ -22,16 +22,15 @@ from ecgtwin.models import LATENT_SCALE, ECGVAE, IndividualBaseExtractor
 
 
 @torch.no_grad()
-def encode_latents(vae: ECGVAE, signals: SiteStore | np.ndarray, rows: np.ndarray | None = None,
+def encode_latents(vae: ECGVAE, store: SiteStore, rows: np.ndarray | None = None,
                    batch_size: int = 64) -> torch.Tensor:
     """The frozen VAE's posterior means of the signals of `rows` (all when None), scaled by LATENT_SCALE:
     what the IBE and the DiT see. A store is read a batch at a time, so a site of 100,000 records never
     holds its signals (5 GB) in memory, only their latents (0.2 GB)."""
     vae.eval()
     device = module_device(vae)  # computed once per pass, on the pass's device, and kept there
-    read = signals.read if isinstance(signals, SiteStore) else (lambda r: np.asarray(signals[r]))
-    rows = np.arange(len(signals)) if rows is None else np.asarray(rows)
-    out = [vae.encode(torch.as_tensor(read(rows[i:i + batch_size]), dtype=torch.float32).to(device))[0]
+    rows = np.arange(len(store)) if rows is None else np.asarray(rows)
+    out = [vae.encode(torch.as_tensor(store.read(rows[i:i + batch_size]), dtype=torch.float32).to(device))[0]
            for i in range(0, len(rows), batch_size)]
     return torch.cat(out) * LATENT_SCALE
 
