@@ -134,9 +134,9 @@ class Ledger:
     def _charge(self, policy: PrivacyPolicy, stage: str, round: int, steps: int, sample_rate: float,
                 noise_multiplier: float, patients: int, run: str, key: str | None) -> dict:
         history = self.history()
-        before = epsilon_of(history, policy.delta, policy.accountant)
         after = epsilon_of(history + [(noise_multiplier, sample_rate, steps)], policy.delta, policy.accountant)
         if not (math.isfinite(after) and after <= policy.epsilon * (1 + 1e-6)):  # a NaN epsilon is refused too
+            before = epsilon_of(history, policy.delta, policy.accountant)  # for the message only
             raise BudgetExceeded(
                 f"{policy.site or self.path.parent}: privacy budget refused: spent epsilon {before:.3f} of "
                 f"{policy.epsilon:g} (delta {policy.delta:g}); asked {stage} round {round}: {steps} steps at "

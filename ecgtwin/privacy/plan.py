@@ -1,10 +1,11 @@
 """Budget planning: the noise multiplier each stage needs so that all planned passes of all stages
 together spend exactly the site's epsilon.
 
-First each stage gets the sigma that would spend its `budget_fraction` of epsilon if it were the only
-mechanism (Opacus' get_noise_multiplier with the fast RDP accountant). Composition is sub-additive, so together they spend less
-than the budget; all planned sigmas are then scaled by one common factor (bisection) until the
-composed epsilon meets the budget. Fixed `noise_multiplier`s are kept as given.
+First each stage gets the sigma that would spend its `budget_fraction` of epsilon (to 2 %) if it were the
+only mechanism (Opacus' get_noise_multiplier with the fast RDP accountant). Composition is sub-additive,
+so together they spend less than the budget; all planned sigmas are then scaled by one common factor
+until the composed epsilon (the policy's accountant) spends the budget to 0.2 % without exceeding it.
+Fixed `noise_multiplier`s are kept as given.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from opacus.accountants.utils import get_noise_multiplier
@@ -60,16 +62,23 @@ def plan_budget(policy: PrivacyPolicy, n_patients: int, where: str = "") -> list
     try:
         sigma0 = {s: get_noise_multiplier(target_epsilon=policy.epsilon * fractions[s], target_delta=policy.delta,
                                           sample_rate=rates[s], steps=steps[s], accountant="rdp",
-                                          epsilon_tolerance=0.01) for s in free}
+                                          epsilon_tolerance=0.02 * policy.epsilon * fractions[s]) for s in free}
     except ValueError as exc:  # Opacus: "The privacy budget is too low" (sigma beyond its search range)
         raise PlanError(f"{where}: the budget epsilon {policy.epsilon:g} is too small for the planned steps "
                         f"({exc}); plan fewer rounds or steps, smaller batches, or a larger budget") from exc
 
+    known: dict[tuple, float] = {}  # each PRV composition takes about a second: none is computed twice
+
+    def epsilon(history: list[Mechanism]) -> float:
+        if tuple(history) not in known:
+            known[tuple(history)] = epsilon_of(history, policy.delta, policy.accountant)
+        return known[tuple(history)]
+
     def composed(scale: float) -> float:
         sigma = {**fixed, **{s: scale * sigma0[s] for s in free}}
-        return epsilon_of([(sigma[s], rates[s], steps[s]) for s in stages], policy.delta, policy.accountant)
+        return epsilon([(sigma[s], rates[s], steps[s]) for s in stages])
 
-    fixed_only = epsilon_of([(fixed[s], rates[s], steps[s]) for s in fixed], policy.delta, policy.accountant)
+    fixed_only = epsilon([(fixed[s], rates[s], steps[s]) for s in fixed])
     if fixed_only > policy.epsilon:
         raise PlanError(f"{where}: the fixed noise multipliers {fixed} alone spend epsilon {fixed_only:.3f} "
                         f"> budget {policy.epsilon:g}")
@@ -84,24 +93,40 @@ def plan_budget(policy: PrivacyPolicy, n_patients: int, where: str = "") -> list
     for s in stages:
         history.append((sigma[s], rates[s], steps[s]))
         out.append(StageBudget(s, policy.stage(s).rounds, policy.stage(s).local_steps, rates[s], sigma[s],
-                               epsilon_of([history[-1]], policy.delta, policy.accountant),
-                               epsilon_of(history, policy.delta, policy.accountant)))
+                               epsilon(history[-1:]), epsilon(history)))
     return out
 
 
-def _smallest_scale(composed, budget: float) -> float:
-    """Smallest common noise scale (to 0.1 %) whose composed epsilon stays within the budget."""
-    lo, hi = 0.2, 1.0
-    while composed(hi) > budget:  # fixed sigmas of other stages leave less room
-        lo, hi = hi, hi * 1.5
+def _smallest_scale(composed, budget: float, rtol: float = 2e-3) -> float:
+    """Smallest common noise scale (at least 0.2) whose composed epsilon stays within the budget and spends
+    at least (1 - rtol) of it. Each evaluation is a full PRV composition (about a second), so the search is
+    false position on log epsilon against log scale (nearly linear), not bisection: 3-5 evaluations."""
+    hi = 1.0
+    e_hi = composed(hi)
+    while e_hi > budget:  # fixed sigmas of other stages leave less room
+        hi *= 1.5
         if hi > 100:
             raise PlanError("the fixed noise multipliers leave no budget for the other stages")
-    if composed(lo) <= budget:
-        return lo
-    while hi - lo > 1e-3 * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if composed(mid) <= budget else (mid, hi)
-    return hi
+        e_hi = composed(hi)
+    lo, e_lo = hi / 1.5, composed(hi / 1.5)  # near the answer: a very small scale is slow to account
+    while e_lo <= budget:
+        if lo <= 0.2:
+            return 0.2
+        hi, e_hi = lo, e_lo
+        lo = max(0.2, lo / 1.5)
+        e_lo = composed(lo)
+    x_lo, g_lo = math.log(lo), math.log(e_lo / budget)  # g > 0: over the budget
+    x_hi, g_hi = math.log(hi), math.log(e_hi / budget)  # g <= 0: within it
+    while g_hi < math.log1p(-rtol) and x_hi - x_lo > 1e-4:
+        width = x_hi - x_lo
+        x = x_hi - g_hi * width / (g_hi - g_lo)
+        x = min(max(x, x_lo + 0.05 * width), x_hi - 0.05 * width)  # keep shrinking from both sides
+        g = math.log(composed(math.exp(x)) / budget)
+        if g <= 0:
+            x_hi, g_hi = x, g
+        else:
+            x_lo, g_lo = x, g
+    return math.exp(x_hi)
 
 
 def stage_noise(policy: PrivacyPolicy, stage: str, n_patients: int, where: str = "",
