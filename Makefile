@@ -11,6 +11,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
+# the suite runs in TEST_WORKERS pytest-xdist processes, a whole test file each (0: in this process)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench results tables clean
 
@@ -26,7 +28,7 @@ demo: $(STAMP)
 	$(BIN)/ecgtwin demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench --out bench-results

@@ -12,6 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["ECGTWIN_ALLOW_TEST_SEED"] = "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """`make test` runs the suite in 2 pytest-xdist workers (whole files each) on a 2-core machine: each
+    worker, and every process it starts, computes with one thread, so that two torch thread pools never
+    fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def shared_data_dir() -> Path:
     return Path(os.environ.get("ECGTWIN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
