@@ -14,8 +14,7 @@ from typing import Any, Mapping
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from ecgtwin.config import STAGES
-from ecgtwin.config import config_from_text
+from ecgtwin.config import STAGES, ExperimentConfig, config_from_text
 from ecgtwin.site import Site, check_reply, site_failure
 from ecgtwin.weights import FLAT, model_shapes, pack, trainable_shapes, unpack
 
@@ -29,22 +28,21 @@ def make_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site = _site(context, defaults)
-        stage, server_round, run_id, config_yaml, weights = _read(msg)
+        stage, server_round, run_id, config_yaml, experiment, weights = _read(msg)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))  # FedProx; 0 for the other strategies
         try:
             new, metrics, refusal = site.train(stage, server_round, run_id, config_yaml, weights, proximal_mu=mu)
         except Exception as exc:  # noqa: BLE001  its text may hold paths or data: it stays at the site
             new, metrics, refusal = None, {}, site_failure(site, exc)
-        return Message(reply_content(stage, config_yaml, site.name, new, metrics, refusal, site.policy.private),
+        return Message(reply_content(stage, experiment, site.name, new, metrics, refusal, site.policy.private),
                        reply_to=msg)
 
     return app
 
 
-def reply_content(stage: str, config_yaml: str, site: str, new: Mapping | None, metrics: Mapping,
+def reply_content(stage: str, config: ExperimentConfig, site: str, new: Mapping | None, metrics: Mapping,
                   refusal: str | None, private: bool = True) -> RecordDict:
     """The whole reply: checked against the allowlist right before it is built."""
-    config = config_from_text(config_yaml)
     if refusal is not None:
         info = {"site": site, "reason": refusal}
         check_reply(stage, config, None, {"refused": 1}, info)
@@ -61,14 +59,15 @@ def _site(context: Context, defaults: Mapping[str, Any]) -> Site:
     return Site.from_node_config(dict(context.node_config), run_config)
 
 
-def _read(msg: Message) -> tuple[str, int, str, str, dict]:
+def _read(msg: Message) -> tuple[str, int, str, str, ExperimentConfig, dict]:
+    """The message's stage, round, run id, experiment config (as sent and parsed) and global weights."""
     content = msg.content
     config = content["config"]
     stage, config_yaml = str(config["stage"]), str(config["config-yaml"])
     experiment = config_from_text(config_yaml)
     weights = {s: unpack(content[s][FLAT].numpy(), model_shapes(s, experiment))
                for s in STAGES if s in content.array_records}
-    return stage, int(config["round"]), str(config["run-id"]), config_yaml, weights
+    return stage, int(config["round"]), str(config["run-id"]), config_yaml, experiment, weights
 
 
 app = make_app()

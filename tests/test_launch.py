@@ -13,19 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from ecgtwin.coordinator import procfs
 from ecgtwin.coordinator.launch import simulate
 
 
 def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie has ended (an orphan re-parented to an init that does not reap)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rindex(")") + 2] not in "ZX"
-    except OSError:
-        return True
+    """Running, and not a zombie (an orphan re-parented to an init that does not reap)."""
+    return procfs.running(pid)
 
 
 def test_a_silent_child_times_out_and_is_stopped(tmp_path: Path) -> None:
@@ -58,19 +52,8 @@ MARK = "ECGTWIN_TEST_ORPHAN"  # in the federate process's environment: every pro
 
 def marked(token: str) -> dict[int, str]:
     """pid -> command line of every live (not zombie) process whose environment carries MARK=token."""
-    needle = f"{MARK}={token}".encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            if stat[stat.rindex(")") + 2] in "ZX" or needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError):
-            continue
-    return found
+    return {pid: procfs.command_line(pid) for pid in procfs.pids()
+            if procfs.environ_has(pid, f"{MARK}={token}") and procfs.running(pid)}
 
 
 def tiny_consortium(root: Path) -> tuple[Path, Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ecgtwin.coordinator import procfs
 from ecgtwin.coordinator.loopback import Loopback, group_alive, wait_for
 from ecgtwin.coordinator.status import read_status
 from ecgtwin.privacy import Ledger
@@ -23,26 +24,12 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def children_of(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    return [p for p in procfs.pids() if (found := procfs.stat(p)) is not None and found.ppid == pid
+            and found.state != "Z"]
 
 
 def processes_named(word: str) -> list[int]:
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if word in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                found.append(int(cmdline.parent.name))
-        except OSError:
-            continue
-    return found
+    return [pid for pid in procfs.pids() if word in procfs.command_line(pid)]
 
 
 def history(out: Path) -> list[dict]:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ecgtwin.coordinator import procfs
+
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr: the environment's own
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "ECGTWIN_LOOPBACK"  # in the environment of every process of a deployment, inherited by its children
@@ -40,26 +42,10 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
     raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
 
 
-def _stat(proc: Path) -> list[str]:
-    """/proc/PID/stat after the command name: state, ppid, pgrp, ..."""
-    return proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _state(proc: Path) -> str:
-    return _stat(proc)[0]
-
-
 def group_alive(pgid: int) -> list[int]:
     """Pids of the processes still in process group `pgid` (zombies excluded)."""
-    alive = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = _stat(proc)
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            alive.append(int(proc.name))
-    return alive
+    return [pid for pid in procfs.pids() if (found := procfs.stat(pid)) is not None
+            and found.pgrp == pgid and found.state not in ("Z", "X")]
 
 
 def flower_env(home: Path, marker: str = "") -> dict:
@@ -178,15 +164,7 @@ class Loopback:
     def survivors(self) -> list[int]:
         """Pids of every process this deployment started, or they started, that still runs (found by the
         marker in their environment, which children inherit whatever their process group)."""
-        needle = f"{MARKER}={self.root}\0".encode()
-        found = []
-        for environ in Path("/proc").glob("[0-9]*/environ"):
-            try:
-                if needle in environ.read_bytes() + b"\0" and _state(environ.parent) != "Z":
-                    found.append(int(environ.parent.name))
-            except OSError:
-                continue
-        return found
+        return [pid for pid in procfs.pids() if procfs.environ_has(pid, f"{MARKER}={self.root}") and procfs.running(pid)]
 
     def stop_all(self) -> None:
         for name, process in reversed(list(self.processes.items())):

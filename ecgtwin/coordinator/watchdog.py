@@ -24,12 +24,11 @@ import signal
 import threading
 import time
 import uuid
-from pathlib import Path
+
+from ecgtwin.coordinator import procfs
 
 PARENT_ENV = "ECGTWIN_PARENT_PID"  # set by the launcher: the pid whose death ends the child
 TOKEN_ENV = "ECGTWIN_SIMULATION_TOKEN"  # set by the child: inherited by every process it starts
-PROC = Path("/proc")
-
 Identity = tuple[int, int]  # (pid, start time in clock ticks since boot): a pid is reused, this pair is not
 
 
@@ -41,7 +40,7 @@ def watch_parent(parent_pid: int | None = None, interval: float = 0.5, grace: fl
         if not value.isdigit():
             return None
         parent_pid = int(value)
-    if not (PROC / "self" / "stat").is_file():
+    if not procfs.available():
         return None
     os.environ[TOKEN_ENV] = f"{os.getpid()}-{uuid.uuid4().hex}"
     parent = (parent_pid, _start_time(parent_pid))  # start time None: already gone
@@ -104,16 +103,11 @@ def our_processes() -> list[Identity]:
     environment carries our token."""
     me = os.getpid()
     token = os.environ.get(TOKEN_ENV, "")
-    stats = {}
-    for entry in PROC.iterdir():
-        if entry.name.isdigit():
-            stat = _stat(int(entry.name))
-            if stat is not None:
-                stats[int(entry.name)] = stat  # (ppid, pgrp, start time)
-    ours = {pid for pid, (_, group, _) in stats.items() if group == me}
+    stats = {pid: found for pid in procfs.pids() if (found := procfs.stat(pid)) is not None}
+    ours = {pid for pid, found in stats.items() if found.pgrp == me}
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, found in stats.items():
+        children.setdefault(found.ppid, []).append(pid)
     stack = [me]
     while stack:
         for child in children.get(stack.pop(), []):
@@ -121,40 +115,20 @@ def our_processes() -> list[Identity]:
                 ours.add(child)
                 stack.append(child)
     if token:
-        needle = f"{TOKEN_ENV}={token}".encode()
-        for pid in stats.keys() - ours:
-            try:
-                if needle in (PROC / str(pid) / "environ").read_bytes().split(b"\0"):
-                    ours.add(pid)
-            except OSError:
-                continue
+        ours |= {pid for pid in stats.keys() - ours if procfs.environ_has(pid, f"{TOKEN_ENV}={token}")}
     ours.discard(me)
-    return [(pid, stats[pid][2]) for pid in ours if pid in stats]
-
-
-def _stat(pid: int) -> tuple[int, int, int] | None:
-    """(ppid, process group, start time) from /proc/PID/stat, or None when the process is gone."""
-    try:
-        text = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
-    return int(fields[1]), int(fields[2]), int(fields[19])
+    return [(pid, stats[pid].start_time) for pid in ours if pid in stats]
 
 
 def _start_time(pid: int) -> int | None:
-    stat = _stat(pid)
-    return None if stat is None else stat[2]
+    found = procfs.stat(pid)
+    return None if found is None else found.start_time
 
 
 def _alive(proc: Identity) -> bool:
     """Still running, and still the process we found (not a reused pid); a zombie has ended."""
-    try:
-        text = (PROC / str(proc[0]) / "stat").read_text()
-    except OSError:
-        return False
-    fields = text[text.rindex(")") + 2:].split()
-    return int(fields[19]) == proc[1] and fields[0] not in ("Z", "X")
+    found = procfs.stat(proc[0])
+    return found is not None and found.start_time == proc[1] and found.state not in ("Z", "X")
 
 
 def _signal(proc: Identity, sig: int) -> None:
