@@ -216,7 +216,7 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
                f"{r['row']['trainable']}")
         groups.setdefault(key, []).append(r)
     for ax, (metric, title) in zip(axes, keys):
-        for label, members in sorted(groups.items()):
+        for label, members in sorted(groups.items(), key=lambda g: (g[1][0]["row"]["patients_per_site"], g[0])):
             points = sorted((x_private if m["row"]["epsilon"] is None else m["row"]["epsilon"], m["metrics"][metric])
                             for m in members if m["metrics"].get(metric) is not None)
             if points:
