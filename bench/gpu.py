@@ -3,10 +3,11 @@
     python -m bench.gpu --device cuda --out gpu-results      # writes gpu-results/gpu.json
 
 Through the same device path as the commands (ecgtwin.device):
-- training: seconds per step and samples/s of each stage, paper and demo configs, non-private (`ecgtwin
-  train`'s loop) and DP-SGD (the site's private pass, hooks), and the DP / non-DP ratio;
+- training: seconds per step of each stage, paper and demo configs, non-private (`ecgtwin train`'s loop)
+  and DP-SGD (the site's private pass) in each Opacus mode the stage allows (hooks, functorch, ghost), the
+  fastest mode and the DP / non-DP ratio, in each precision (fp32, bf16 autocast);
 - generation: twins/s of the paper configuration at 25 DPM-Solver++ steps, without and with guidance (one
-  doubled batch), fp32.
+  doubled batch), in each precision.
 Each figure is the median of a few repeats after a warm-up; the machine is in the JSON.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +37,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+GHOST_STAGES = ("vae", "twin")  # one forward row per patient (1 record, 1 noise draw): ghost clipping applies
+
+
 def training(config: ExperimentConfig, store: Path, device: torch.device, batch: int, steps: int) -> dict:
-    """Non-private and DP seconds per step of each stage on `store` (earlier stages at initial weights)."""
+    """Non-private and DP seconds per step of each stage on `store` (earlier stages at initial weights), DP in
+    every Opacus mode the stage and the precision allow."""
     from ecgtwin.data.store import SiteStore
     from ecgtwin.privacy import Ledger, PrivacyPolicy
     from ecgtwin.privacy.policy import StagePlan, StagePlans
@@ -51,33 +57,36 @@ def training(config: ExperimentConfig, store: Path, device: torch.device, batch:
     plans = StagePlans(**{s: StagePlan(rounds=1, local_steps=steps, batch_patients=batch, noise_multiplier=1.0)
                           for s in STAGES})
     out = {}
+    config.twin.noise_draws = 1
     with tempfile.TemporaryDirectory() as tmp:
         for stage in STAGES:
-            policy = PrivacyPolicy(site="bench", epsilon=1e6, delta=1e-6, population=len(site.patients), stages=plans)
+            modes = ["hooks", "functorch"] + (["ghost"] if stage in GHOST_STAGES and
+                                              config.compute.precision == "fp32" else [])
+            policies = {m: PrivacyPolicy(site="bench", epsilon=1e6, delta=1e-6, population=len(site.patients),
+                                         stages=plans, records_per_patient=1, grad_sample_mode=m) for m in modes}
+            runs = {"non_dp": lambda k: local_pass(stage, config, site, weights, k, device=device)}
+            for m in modes:
+                runs[f"dp_{m}"] = (lambda k, m=m: private_pass(stage, config, site, weights, policies[m],
+                                                              Ledger(Path(tmp) / f"{stage}-{m}.jsonl"), steps=k,
+                                                              device=device))
             timings = {}
-            for name, run in (("non_dp", lambda k: local_pass(stage, config, site, weights, k, device=device)),
-                              ("dp", lambda k: private_pass(stage, config, site, weights, policy,
-                                                            Ledger(Path(tmp) / f"{stage}.jsonl"), steps=k,
-                                                            device=device))):
+            for name, run in runs.items():
                 run(1)  # warm-up
-                seconds = []
-                for k in (steps, 2 * steps):  # the difference leaves out each pass's set-up (latents, plan)
-                    _sync(device)
-                    started = time.perf_counter()
-                    run(k)
-                    _sync(device)
-                    seconds.append(time.perf_counter() - started)
-                timings[name] = max(seconds[1] - seconds[0], 1e-9) / steps
-            out[stage] = {"step_s_non_dp": round(timings["non_dp"], 4), "step_s_dp": round(timings["dp"], 4),
-                          "dp_over_non_dp": round(timings["dp"] / timings["non_dp"], 2), "batch": batch}
+                # each pass times its own loop (after its set-up: latents, plan); every step syncs on its loss
+                timings[name] = sorted(run(steps).summary["seconds"] / steps for _ in range(3))[1]
+            fastest = min(modes, key=lambda m: timings[f"dp_{m}"])
+            out[stage] = {"step_s_non_dp": round(timings["non_dp"], 4),
+                          **{f"step_s_dp_{m}": round(timings[f"dp_{m}"], 4) for m in modes},
+                          "fastest_dp_mode": fastest, "step_s_dp": round(timings[f"dp_{fastest}"], 4),
+                          "dp_over_non_dp": round(timings[f"dp_{fastest}"] / timings["non_dp"], 2), "batch": batch}
     return out
 
 
-def generation(checkpoint: Path, store: Path, device: torch.device, n: int) -> dict:
+def generation(checkpoint: Path, store: Path, device: torch.device, n: int, precision: str = "fp32") -> dict:
     from ecgtwin.data.store import SiteStore
     from ecgtwin.twin import Condition, TwinGenerator, reference_from_store
 
-    generator = TwinGenerator(checkpoint, device=device)
+    generator = TwinGenerator(checkpoint, device=device, precision=precision)
     reference = reference_from_store(SiteStore(store), 0)
     target = Condition("Sinus rhythm. Normal ECG.", 70.0, 50.0, "F")
     out = {}
@@ -92,8 +101,10 @@ def generation(checkpoint: Path, store: Path, device: torch.device, n: int) -> d
     return out
 
 
-def run(device: torch.device, configs: list[str], batch: int, steps: int, twins: int) -> dict:
+def run(device: torch.device, configs: list[str], batch: int, steps: int, twins: int,
+        precisions: list[str] = ("fp32",)) -> dict:
     from ecgtwin.checkpoint import Checkpoint
+    from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
     from ecgtwin.data.preprocess import PreprocessConfig
     from ecgtwin.models import paper_config
     from ecgtwin.weights import initial_weights
@@ -109,16 +120,41 @@ def run(device: torch.device, configs: list[str], batch: int, steps: int, twins:
             config = load_config(ROOT / "configs" / "demo.yaml")
             if name == "paper":
                 config.model = paper_config()
-            result[f"training_{name}"] = training(config, root / "store", device, batch, steps)
-            if name == "paper":  # generation speed is the model's, not the weights': initial weights will do
-                checkpoint = Checkpoint(root / "paper-model")
-                checkpoint.save_config(config)
-                from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
-                checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
-                for stage in STAGES:
-                    checkpoint.save_arrays(stage, initial_weights(stage, config))
-                result["generation_paper_dpm25"] = generation(checkpoint.path, root / "store", device, twins)
+            for precision in precisions:
+                config.compute.precision = precision
+                suffix = "" if precision == "fp32" else f"_{precision}"
+                result[f"training_{name}{suffix}"] = training(config, root / "store", device, batch, steps)
+        # generation speed is the model's, not the weights': the paper model at initial weights will do
+        config = load_config(ROOT / "configs" / "demo.yaml")
+        config.model = paper_config()
+        checkpoint = Checkpoint(root / "paper-model")
+        checkpoint.save_config(config)
+        checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+        for stage in STAGES:
+            checkpoint.save_arrays(stage, initial_weights(stage, config))
+        for precision in precisions:
+            suffix = "" if precision == "fp32" else f"_{precision}"
+            result[f"generation_paper_dpm25{suffix}"] = generation(checkpoint.path, root / "store", device, twins,
+                                                                   precision)
     return result
+
+
+def record_modes(kind: str, result: dict, command: str) -> Path:
+    """Write what grad_sample_mode auto takes on this kind of device into ecgtwin/train/opacus_modes.json: per
+    precision, each stage's fastest measured mode, from the largest configuration measured (paper, else demo)."""
+    from bench.tables import _provenance
+    from ecgtwin.train.private import MEASURED_MODES
+
+    table = json.loads(MEASURED_MODES.read_text()) if MEASURED_MODES.is_file() else {}
+    modes = {}
+    for precision in ("fp32", "bf16"):
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        measured = result.get(f"training_paper{suffix}") or result.get(f"training_demo{suffix}")
+        if measured:
+            modes[precision] = {stage: r["fastest_dp_mode"] for stage, r in measured.items()}
+    table[kind] = {"provenance": _provenance(command), **modes}
+    MEASURED_MODES.write_text(json.dumps(table, indent=2) + "\n")
+    return MEASURED_MODES
 
 
 def main() -> None:
@@ -129,12 +165,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="patients per step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per pass")
     parser.add_argument("--twins", type=int, default=512, help="twins per timed generation batch")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--out", type=Path, default=Path("gpu-results"))
+    parser.add_argument("--record", action="store_true",
+                        help="also write bench/data/benchmarks/device-<cpu|cuda>.json (then python -m bench.tables)")
     args = parser.parse_args()
-    result = run(resolve_device(args.device), args.configs.split(","), args.batch, args.steps, args.twins)
+    result = run(resolve_device(args.device), args.configs.split(","), args.batch, args.steps, args.twins,
+                 args.precisions.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    if args.record:
+        from bench.tables import record_benchmark
+
+        command = "python -m bench.gpu " + " ".join(sys.argv[1:])
+        kind = resolve_device(args.device).type
+        print(record_benchmark(f"device-{kind}", result, command))
+        print(record_modes(kind, result, command))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python -m bench.privacy_utility --patients-per-site 200 --epsilon 8 --start scratch --out pu/ --record
     python -m bench.privacy_utility ... --trainable lora      # or condition; the IBE and twin stages
     python -m bench.privacy_utility ... --vae dp              # fine-tune the VAE with DP too (default: frozen)
+    python -m bench.privacy_utility ... --precision bf16      # train and generate under bf16 autocast
     python -m bench.privacy_utility --plot                    # docs/privacy_utility.png from the committed JSON
     python -m bench.privacy_utility --regimes                 # ecgtwin/privacy/regimes.json (privacy plan reads it)
 
@@ -50,11 +51,13 @@ class Row:
     finetune_lr: float = 2e-4
     twins_per_patient: int = 2
     foundation: str = str(FOUNDATION)
+    precision: str = "fp32"  # the config's compute.precision: training and generation
 
     @property
     def name(self) -> str:
         eps = "nonprivate" if self.epsilon is None else f"eps{self.epsilon:g}"
-        return f"n{self.patients_per_site}-{eps}-{self.start}-vae{self.vae}-{self.trainable}"
+        suffix = "" if self.precision == "fp32" else f"-{self.precision}"
+        return f"n{self.patients_per_site}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     def plan(self) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple]:
         """(rounds, local steps, budget fractions) per stage: the demo's fine-tuning schedule; the VAE
@@ -87,7 +90,7 @@ def run_row(row: Row, out: Path) -> dict:
                                 foundation=Path(row.foundation) if row.start == "foundation" else None)
     trained, cpu1 = time.perf_counter(), _cpu_seconds()
     metrics = run_evaluation(model, store=stores["pooled"], out=folder / "eval", twins_per_patient=row.twins_per_patient,
-                             guidance=2.0, encoder_steps=scale.encoder_steps, encoder_store=stores["reference"],
+                             guidance=2.0, precision=row.precision, encoder_steps=scale.encoder_steps, encoder_store=stores["reference"],
                              encoder_cache=base / "encoder-reference", downstream=False, progress=False)
     return {"row": dataclasses.asdict(row), "name": row.name, "rounds": rounds, "local_steps": steps,
             "noise_on_mean_update": _noise_on_mean(folder / "sites"),
@@ -118,7 +121,7 @@ def regimes(data: Path = DATA, out: Path = REGIMES) -> Path:
     a foundation WORKS (within 1.5x of the non-private FID and 10 points of its condition accuracy, at the
     same size), and above which it COLLAPSES (FID more than 3x the non-private one); in between it degrades.
     `ecgtwin privacy plan` reads it to tell a privacy officer what a budget buys."""
-    rows = list(json.loads(data.read_text())["rows"].values())
+    rows = [r for r in json.loads(data.read_text())["rows"].values() if r["row"].get("precision", "fp32") == "fp32"]
     verdicts = []
     for r in rows:
         if r["row"]["start"] != "foundation" or r["row"]["epsilon"] is None or "twin" not in r["noise_on_mean_update"]:
@@ -180,6 +183,7 @@ def _config(row: Row, folder: Path) -> Path:
     config = load_config(CONFIG)
     config.data.held_out_fraction = HELD_OUT
     config.generate.guidance_person = GUIDANCE_PERSON
+    config.compute.precision = row.precision
     if row.start == "foundation":
         for stage in ("ibe", "twin"):
             config.stage(stage).trainable, config.stage(stage).lr = row.trainable, row.finetune_lr
@@ -203,7 +207,7 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
     """Each metric against epsilon, one line per site size and start (non-private drawn at the right)."""
     from ecgtwin.plot import new_figure
 
-    rows = list(json.loads(data.read_text())["rows"].values())
+    rows = [r for r in json.loads(data.read_text())["rows"].values() if r["row"].get("precision", "fp32") == "fp32"]
     keys = (("fid", "FID (lower is better)"), ("hr_mae", "HR MAE, bpm"), ("condition_accuracy", "condition accuracy"),
             ("identification_top1", "identification top-1"))
     fig = new_figure(figsize=(13, 3.6))
@@ -240,6 +244,8 @@ def main() -> None:
     parser.add_argument("--start", choices=["foundation", "scratch", "public-only"], default="foundation")
     parser.add_argument("--vae", choices=["frozen", "dp"], default="frozen")
     parser.add_argument("--trainable", choices=["all", "condition", "lora"], default="all")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="train and generate in this precision (ecgtwin.compute)")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -254,7 +260,7 @@ def main() -> None:
               epsilon=None if args.epsilon.lower() == "none" or args.start == "public-only" else float(args.epsilon),
               start=args.start,
               vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
-              foundation=str(args.foundation.resolve()))
+              foundation=str(args.foundation.resolve()), precision=args.precision)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

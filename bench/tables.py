@@ -318,6 +318,29 @@ def bench_deployment(d: dict) -> str:
                   "overhead share (median)"], rows)
 
 
+def bench_device_training(d: dict) -> str:
+    """`python -m bench.gpu --record`: seconds per step per stage, precision and Opacus mode on one device."""
+    rows = []
+    for key, stages in d.items():
+        if not key.startswith("training_"):
+            continue
+        config, _, precision = key.removeprefix("training_").partition("_")
+        for stage, r in stages.items():
+            modes = " / ".join(f"{m} {f(r.get(f'step_s_dp_{m}'), 3)}" if f"step_s_dp_{m}" in r else f"{m} n/a"
+                               for m in ("hooks", "functorch", "ghost"))
+            rows.append([config, precision or "fp32", stage, str(r["batch"]), f(r["step_s_non_dp"], 3), modes,
+                         r["fastest_dp_mode"], f(r["dp_over_non_dp"], 2)])
+    return table(["configuration", "precision", "stage", "batch", "non-DP s/step",
+                  "DP s/step: hooks / functorch / ghost", "fastest DP mode", "DP / non-DP"], rows)
+
+
+def bench_device_generation(d: dict) -> str:
+    rows = [[key.removeprefix("generation_paper_dpm25").lstrip("_") or "fp32", name.replace("_", " "),
+             plain(r["twins"]), plain(r["twins_per_s"])]
+            for key, runs in d.items() if key.startswith("generation_") for name, r in runs.items()]
+    return table(["precision", "guidance", "twins in the batch", "twins/s"], rows)
+
+
 # the regions: name -> (doc, JSON file under the data folder without .json, rendering) ----------------------
 
 # docs/privacy.md ----------------------------------------------------------------------------------------
@@ -337,7 +360,7 @@ def privacy_utility(d: dict) -> str:
     rows = []
     starts = {"public-only": 0, "foundation": 1, "scratch": 2}
     order = lambda r: (r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
-                       r["row"]["trainable"], -(r["row"]["epsilon"] or 1e9))
+                       r["row"]["trainable"], r["row"].get("precision", "fp32") != "fp32", -(r["row"]["epsilon"] or 1e9))
     for r in sorted(d["rows"].values(), key=order):
         row, m, ci = r["row"], r["metrics"], r.get("intervals", {})
 
@@ -347,10 +370,11 @@ def privacy_utility(d: dict) -> str:
 
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:g}"
         noise = r.get("noise_on_mean_update", {}).get("twin")
-        rows.append([str(row["patients_per_site"]), eps, row["start"], row["vae"], row["trainable"],
+        trainable = row["trainable"] + ("" if row.get("precision", "fp32") == "fp32" else f", {row['precision']}")
+        rows.append([str(row["patients_per_site"]), eps, row["start"], row["vae"], trainable,
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
                      "n/a" if noise is None else f(noise, 4), f(r["train_wall_s"] / 60, 1)])
-    return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
+    return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train (precision if not fp32)", "FID", "HR MAE",
                   "cond. acc.", "id. top-1", "twin noise / mean", "train wall min"], rows)
 
 
@@ -374,6 +398,8 @@ REGIONS = {
     "bench-deployment": ("benchmarks.md", "benchmarks/deployment", bench_deployment),
     "bench-scale-prepare": ("benchmarks.md", "benchmarks/scale", bench_scale_prepare),
     "bench-scale-train": ("benchmarks.md", "benchmarks/scale", bench_scale_train),
+    "bench-device-cpu-training": ("benchmarks.md", "benchmarks/device-cpu", bench_device_training),
+    "bench-device-cpu-generation": ("benchmarks.md", "benchmarks/device-cpu", bench_device_generation),
     "privacy-canary": ("privacy.md", "audits/canary", privacy_canary),
     "privacy-utility": ("privacy.md", "privacy_utility", privacy_utility),
 }

@@ -56,6 +56,22 @@ def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N")
 
 
+def _compute(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="the forward passes' precision (default: the "
+                   "config's compute.precision, fp32); bf16 autocasts them, DP clipping and noise stay fp32")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (generation and non-private training; default: the config's)")
+
+
+def _with_compute(config, args: argparse.Namespace):
+    """The config with the command line's --precision / --compile over its compute section."""
+    if args.precision is not None:
+        config.compute.precision = args.precision
+    if args.compile is not None:
+        config.compute.compile = args.compile
+    return config
+
+
 def resolve_device(spec: str):
     from ecgtwin.device import resolve_device as resolve  # torch is imported only by commands that compute
 
@@ -151,6 +167,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", type=Path, help="train with patient-level DP-SGD under this site privacy policy: the "
                    "policy's rounds x local steps of the stage, each round charged to the ledger beside it")
     _device(p)
+    _compute(p)
     _common(p)
     p.set_defaults(run=_run_train)
 
@@ -159,7 +176,7 @@ def _run_train(args: argparse.Namespace) -> dict:
     from ecgtwin.config import load_config
     from ecgtwin.train.centralised import train_stage
 
-    config = load_config(args.config)
+    config = _with_compute(load_config(args.config), args)
     if args.steps is not None:
         if args.steps < 1:
             raise UserError("--steps must be at least 1")
@@ -208,6 +225,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same twins")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _device(p)
+    _compute(p)
     _common(p)
     p.set_defaults(run=_run_generate)
 
@@ -217,7 +235,8 @@ def _run_generate(args: argparse.Namespace) -> dict:
 
     if args.num < 1:
         raise UserError("-n must be at least 1")
-    generator = TwinGenerator(args.checkpoint, device=resolve_device(args.device))
+    generator = TwinGenerator(args.checkpoint, device=resolve_device(args.device), precision=args.precision,
+                              compile=args.compile)
     reference = read_reference(args.reference, generator.preprocess, args.reference_report)
     ref = reference.condition
     report = args.report if args.report is not None else edit_report(
@@ -255,6 +274,7 @@ def _add_cohort(sub: argparse._SubParsersAction) -> None:
                    help="twins sampled together, across patients and reports (default 64; larger on a GPU)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     _device(p)
+    _compute(p)
     _common(p)
     p.set_defaults(run=_run_cohort)
 
@@ -265,7 +285,7 @@ def _run_cohort(args: argparse.Namespace) -> dict:
     return generate_cohort(args.checkpoint, args.store, args.report, args.out, patients=args.patients,
                            n=args.num, steps=args.steps, guidance_condition=args.guidance, seed=args.seed,
                            progress=not args.no_progress, device=resolve_device(args.device),
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, precision=args.precision, compile=args.compile)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -475,6 +495,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--records-per-patient", type=int, default=3, help="synthetic: ECGs per patient")
     p.add_argument("--rate", type=int, choices=[100, 500], help="ptbxl: which copy of the records to read")
     _device(p)
+    _compute(p)
     _common(p)
     p.set_defaults(run=_run_pretrain)
 
@@ -483,7 +504,7 @@ def _run_pretrain(args: argparse.Namespace) -> dict:
     from ecgtwin.config import load_config
     from ecgtwin.foundation import pretrain
 
-    return pretrain(load_config(args.config), args.source, args.out, root=args.root, patients=args.patients,
+    return pretrain(_with_compute(load_config(args.config), args), args.source, args.out, root=args.root, patients=args.patients,
                     records_per_patient=args.records_per_patient, rate=args.rate,
                     command=["ecgtwin", *(a for a in sys.argv[1:] if a not in DISPLAY_FLAGS)] if sys.argv[1:] else None,
                     progress=not args.no_progress,
@@ -535,6 +556,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-downstream", action="store_true", help="skip the personalised-monitor experiment")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     _device(p)
+    _compute(p)
     _common(p)
     p.set_defaults(run=_run_evaluate)
 
@@ -547,7 +569,7 @@ def _run_evaluate(args: argparse.Namespace) -> dict:
                             encoder_steps=args.encoder_steps, encoder_cache=args.encoder_cache,
                             encoder_store=args.encoder_store, max_patients=args.max_patients,
                             downstream=not args.no_downstream, seed=args.seed, progress=not args.no_progress,
-                            device=resolve_device(args.device))
+                            device=resolve_device(args.device), precision=args.precision, compile=args.compile)
     if args.json:
         return result
     keep = ("fid", "precision", "recall", "f1", "clip_score", "hr_mae", "condition_accuracy", "similarity",

@@ -98,6 +98,15 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass
+class ComputeConfig:
+    """How the passes compute on their device (ecgtwin.compute); the device itself is each command's --device."""
+
+    precision: str = "fp32"  # fp32 | bf16: autocast of the forward passes; DP clipping and noise stay in fp32
+    tf32: bool = True  # TF32 matmuls and convolutions on CUDA (no effect on the CPU)
+    compile: bool = False  # torch.compile the denoiser for generation and non-private training
+
+
+@dataclasses.dataclass
 class ExperimentConfig:
     name: str = "demo"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -107,6 +116,7 @@ class ExperimentConfig:
     ibe: IBEStageConfig = dataclasses.field(default_factory=IBEStageConfig)
     twin: TwinStageConfig = dataclasses.field(default_factory=TwinStageConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
 
     def stage(self, name: str) -> StageConfig:
         if name not in STAGES:
@@ -119,7 +129,7 @@ _POSITIVE = {"n_samples", "duration_s", "steps", "batch_size", "lr", "log_every"
 _FRACTIONS = {"held_out_fraction", "cond_dropout", "base_dropout"}
 _CHOICES = {"sampler": {"ddpm", "ddim", "dpm++"}, "injector": {"adax", "adaln", "cross"},
             "trainable": {"all", "condition", "lora", "frozen"},
-            "limb_leads": {"derived", "raw"}}
+            "limb_leads": {"derived", "raw"}, "precision": {"fp32", "bf16"}}
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

@@ -6,6 +6,7 @@ and the training batches' generators stay on the CPU, so that a seed means the s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ecgtwin.errors import UserError
@@ -31,6 +32,15 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
             raise UserError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here")
         return torch.device(spec)
     raise UserError(f"device {spec!r}: expected {CHOICES}")
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch read from a store, as float32 on `device`. To a GPU it goes through pinned host memory and
+    an asynchronous copy, so the host does not wait for the transfer before it queues the step's kernels."""
+    tensor = torch.as_tensor(array, dtype=torch.float32)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

@@ -18,6 +18,7 @@ from scipy import signal as sps
 from tqdm import tqdm
 
 from ecgtwin.checkpoint import Checkpoint
+from ecgtwin.compute import autocast, compile_module, use_tf32
 from ecgtwin.conditioning import SEX_CODE, conditioning_hr, report_text
 from ecgtwin.config import STAGES
 from ecgtwin.data.preprocess import PreprocessConfig, preprocess
@@ -111,7 +112,10 @@ def read_reference(path: str | Path, preprocess_config: PreprocessConfig, report
 class TwinGenerator:
     """The three trained models of a checkpoint, ready to generate twins."""
 
-    def __init__(self, checkpoint_dir: str | Path, device: torch.device | str = "cpu") -> None:
+    def __init__(self, checkpoint_dir: str | Path, device: torch.device | str = "cpu", precision: str | None = None,
+                 compile: bool | None = None) -> None:
+        """`precision` (fp32 | bf16) and `compile` override the checkpoint config's `compute` section for the
+        denoiser's forward passes; the samplers' arithmetic and the VAE decoder stay in fp32."""
         self.checkpoint = Checkpoint(checkpoint_dir)
         if not self.checkpoint.path.is_dir():
             raise MissingInput(f"{self.checkpoint.path}: checkpoint folder does not exist")
@@ -121,12 +125,21 @@ class TwinGenerator:
         self.device = torch.device(device)
         self.vae, self.ibe, self.denoiser = (
             self._frozen(self.checkpoint.load_weights(s, build_module(s, self.config))) for s in STAGES)
+        use_tf32(self.device, self.config.compute.tf32)
+        self.precision = self.config.compute.precision if precision is None else precision
+        autocast(self.device, self.precision)  # an unknown precision fails here, not at the first twin
+        compile_module(self.denoiser, self.config.compute.compile if compile is None else compile)
         self.diffusion = GaussianDiffusion(model.diffusion)
         self.conditioner = load_conditioner(self.config, self.checkpoint.path)
         self.preprocess = PreprocessConfig(n_samples=self.config.data.n_samples, duration_s=self.config.data.duration_s)
 
     def _frozen(self, module: torch.nn.Module) -> torch.nn.Module:
         return module.to(self.device).eval().requires_grad_(False)
+
+    def _denoise(self, *args, **kwargs) -> torch.Tensor:
+        """The denoiser's eps in fp32, its forward in the generator's precision."""
+        with autocast(self.device, self.precision):
+            return self.denoiser(*args, **kwargs).float()
 
     def _tokens(self, conditions: list[Condition], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Condition tokens of each condition repeated n times, in order."""
@@ -163,7 +176,7 @@ class TwinGenerator:
         settings = self.config.generate
         base = self.base_vector(reference).expand(len(targets) * n, -1)
         tokens, mask = self._tokens(targets, n)
-        model_fn = guided_model_fn(self.denoiser, base, tokens, mask,
+        model_fn = guided_model_fn(self._denoise, base, tokens, mask,
                                    settings.guidance_person if guidance_person is None else guidance_person,
                                    settings.guidance_condition if guidance_condition is None else guidance_condition)
         shape = (len(targets) * n, self.config.model.dit.latent_channels, self.config.model.dit.n_tokens)
@@ -195,7 +208,7 @@ class TwinGenerator:
             chunk = requests[start:start + per_batch]
             base = torch.cat([bases[id(reference)].expand(n, -1) for reference, _ in chunk])
             tokens, mask = self._tokens([target for _, target in chunk], n)
-            model_fn = guided_model_fn(self.denoiser, base, tokens, mask,
+            model_fn = guided_model_fn(self._denoise, base, tokens, mask,
                                        settings.guidance_person if guidance_person is None else guidance_person,
                                        settings.guidance_condition if guidance_condition is None else guidance_condition)
             shape = (len(chunk) * n, self.config.model.dit.latent_channels, self.config.model.dit.n_tokens)
@@ -254,10 +267,11 @@ def reference_from_store(store: SiteStore, row: int) -> Reference:
 def generate_cohort(checkpoint_dir: str | Path, store_path: str | Path, reports: list[str], out: str | Path,
                     patients: int = 10, n: int = 2, steps: int | None = None,
                     guidance_condition: float | None = None, seed: int = 0, progress: bool = True,
-                    device: torch.device | str = "cpu", batch_size: int = 64) -> dict:
+                    device: torch.device | str = "cpu", batch_size: int = 64, precision: str | None = None,
+                    compile: bool | None = None) -> dict:
     """Twins of the first `patients` patients of a store (earliest ECG as reference) under each report,
     sampled `batch_size` twins at a time across patients and reports."""
-    generator = TwinGenerator(checkpoint_dir, device=device)
+    generator = TwinGenerator(checkpoint_dir, device=device, precision=precision, compile=compile)
     store = SiteStore(store_path)
     out = Path(out)
     chosen = store.patients[:patients]

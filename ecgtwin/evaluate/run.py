@@ -148,7 +148,8 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
                    encoder_cache: str | Path | None = None, encoder_store: str | Path | None = None,
                    max_patients: int | None = None, downstream: bool = True, downstream_twins: int = 2,
                    report: bool = True, seed: int = 0, progress: bool = True,
-                   device: torch.device | str = "cpu") -> dict:
+                   device: torch.device | str = "cpu", precision: str | None = None,
+                   compile: bool | None = None) -> dict:
     """Evaluate the generator in `checkpoint` on the held-out patients of `store`; writes OUT/metrics.json
     (and the report). Returns the metrics."""
     from ecgtwin.evaluate.downstream import run_downstream
@@ -164,7 +165,7 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
         raise UserError("steps must be at least 1")
     if not Path(checkpoint).is_dir():
         raise MissingInput(f"{checkpoint}: checkpoint folder does not exist")
-    generator = TwinGenerator(checkpoint, device=device)  # refuses a checkpoint missing a stage
+    generator = TwinGenerator(checkpoint, device=device, precision=precision, compile=compile)  # refuses a checkpoint missing a stage
     config = generator.config
     site = SiteStore(store)
     check_store_matches(site, config)

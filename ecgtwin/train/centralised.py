@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ecgtwin.checkpoint import Checkpoint
 from ecgtwin.conditioning import NORMALIZER_FILE, Conditioner, fit_normalizer, load_conditioner
+from ecgtwin.compute import adamw, autocast, compile_module, use_tf32
 from ecgtwin.config import STAGES, ConfigError, ExperimentConfig, to_dict
 from ecgtwin.data.store import SiteStore
 from ecgtwin.errors import UserError
@@ -61,7 +62,9 @@ def _train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, o
     ref_rng = np.random.default_rng(settings.seed)  # which other ECG of a patient is its reference (twin)
     built = build_stage(stage, config, store, rows, weights, _conditioner(config, checkpoint, store, rows), ref_rng,
                         device)
-    optimizer = torch.optim.AdamW(trainable(built.module), lr=settings.lr, weight_decay=settings.weight_decay)
+    use_tf32(device, config.compute.tf32)
+    optimizer = adamw(trainable(built.module), settings.lr, settings.weight_decay, device)
+    compile_module(built.module, config.compute.compile)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state, start = state["numpy_rng"], state["step"]
@@ -74,7 +77,8 @@ def _train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, o
     built.module.train()
     saved = start  # the step of the last checkpoint written, which a non-finite step must leave as it is
     for step in range(start, settings.steps):
-        loss, extra = built.step_loss(step, rng, generator)
+        with autocast(device, config.compute.precision):
+            loss, extra = built.step_loss(step, rng, generator)
         value = loss.item()
         if not math.isfinite(value):
             _stop(stage, step + 1, f"the loss is {value}", store, checkpoint, saved)

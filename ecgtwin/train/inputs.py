@@ -16,7 +16,7 @@ import torch
 
 from ecgtwin.conditioning import Conditioner, Conditions, store_conditions
 from ecgtwin.data.store import SiteStore
-from ecgtwin.device import module_device
+from ecgtwin.device import module_device, to_device
 from ecgtwin.errors import UserError
 from ecgtwin.models import LATENT_SCALE, ECGVAE, IndividualBaseExtractor
 
@@ -30,7 +30,7 @@ def encode_latents(vae: ECGVAE, store: SiteStore, rows: np.ndarray | None = None
     vae.eval()
     device = module_device(vae)  # computed once per pass, on the pass's device, and kept there
     rows = np.arange(len(store)) if rows is None else np.asarray(rows)
-    out = [vae.encode(torch.as_tensor(store.read(rows[i:i + batch_size]), dtype=torch.float32).to(device))[0]
+    out = [vae.encode(to_device(store.read(rows[i:i + batch_size]), device))[0]
            for i in range(0, len(rows), batch_size)]
     return torch.cat(out) * LATENT_SCALE
 

@@ -18,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 from ecgtwin.conditioning import Conditioner, PatientInfoNormalizer, conditioner_from
+from ecgtwin.compute import adamw, autocast, compile_module, use_tf32
 from ecgtwin.config import ExperimentConfig
-from ecgtwin.device import module_device
+from ecgtwin.device import module_device, to_device
 from ecgtwin.data.store import SiteStore
 from ecgtwin.models import GaussianDiffusion, kl_weight_at
 from ecgtwin.train import inputs as stage_inputs
@@ -66,12 +67,15 @@ def local_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: 
     seed = settings.seed + 1000 * round
     rng, generator = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     built = build_stage(stage, config, store, rows, weights, population_conditioner(config, cache_dir), rng, device)
-    optimizer = torch.optim.AdamW(trainable(built.module), lr=settings.lr, weight_decay=settings.weight_decay)
+    use_tf32(device, config.compute.tf32)
+    optimizer = adamw(trainable(built.module), settings.lr, settings.weight_decay, device)
+    compile_module(built.module, config.compute.compile)
     pull = proximal_step(built.module, settings.lr, proximal_mu)
     log, started = [], time.perf_counter()
     built.module.train()
     for step in tqdm(range(steps), desc=f"{stage} r{round}", unit="step", disable=not progress, file=sys.stderr):
-        loss, _ = built.step_loss(step, rng, generator)
+        with autocast(device, config.compute.precision):
+            loss, _ = built.step_loss(step, rng, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable(built.module), settings.grad_clip)
@@ -114,7 +118,7 @@ def _vae_stage(config, store, rows, vae, frozen, conditioner, rng) -> Stage:
     def step_loss(step: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         index = rng.choice(len(rows), size=min(settings.batch_size, len(rows)), replace=False)
         kl_weight = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
-        batch = torch.from_numpy(store.read(rows[index])).to(module_device(vae))
+        batch = to_device(store.read(rows[index]), module_device(vae))
         return vae_batch_loss(vae, batch, kl_weight, generator).mean(), {"kl_weight": kl_weight}
 
     return Stage(vae, step_loss, len(rows))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import sys
 import time
 import warnings
@@ -34,8 +35,10 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from tqdm import tqdm
 
+from ecgtwin.compute import adamw, autocast, use_tf32
 from ecgtwin.config import STAGES, ExperimentConfig
 from ecgtwin.data.store import SiteStore
+from ecgtwin.device import module_device, to_device
 from ecgtwin.errors import UserError
 from ecgtwin.models import GaussianDiffusion, kl_weight_at
 from ecgtwin.privacy import Ledger, PrivacyPolicy
@@ -52,6 +55,9 @@ Unit = tuple[str, np.ndarray]  # (patient id, the items it contributes this step
 # the units chosen this step, the step -> (loss of each unit [U], the unit slot of every forward row [R])
 UnitLoss = Callable[[list[Unit], int], tuple[torch.Tensor, torch.Tensor]]
 PLAN_CACHE = "plan_cache.json"  # in the site's cache folder
+# What grad_sample_mode auto takes per device kind, precision and stage: the mode `python -m bench.gpu --record`
+# measured fastest there (docs/benchmarks.md); hooks where nothing was measured.
+MEASURED_MODES = Path(__file__).with_name("opacus_modes.json")
 CPU = torch.device("cpu")  # where a stage builder puts its module and batches unless told otherwise
 
 
@@ -61,9 +67,6 @@ class PrivateStage:
     units: list[Unit]  # per patient: its id and all the items it may contribute
     unit_loss: UnitLoss
     one_row_per_unit: bool  # ghost clipping needs it (one forward, one row per patient)
-    # what grad_sample_mode "auto" uses: hooks was fastest for every stage on CPU (docs/benchmarks.md);
-    # a stage measured faster otherwise (e.g. on GPU) sets its own
-    fastest_mode: str = "hooks"
 
 
 def pass_randomness(policy: PrivacyPolicy, stage: str, round: int) -> PatientRandomness:
@@ -104,8 +107,10 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                            cache=cache_dir / PLAN_CACHE if cache_dir else None)
     steps = steps or policy.stage(stage).local_steps
     settings = config.stage(stage)
+    use_tf32(device, config.compute.tf32)
     pull = proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
-    with dp_step(built, policy, settings, q * population, sigma, rand.pass_generator(device)) as step_fn:
+    with dp_step(built, policy, settings, q * population, sigma, rand.pass_generator(device),
+                 config.compute.precision, stage) as step_fn:
         entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run, key=charge_key)
         started, losses, used_patients, used_records, skipped, log = time.perf_counter(), [], set(), 0, 0, []
         bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
@@ -133,7 +138,7 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                "first_loss": finite[0] if finite else float("nan"),
                "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
                "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
-               "unit": policy.unit, "grad_sample_mode": resolved_mode(built, policy),
+               "unit": policy.unit, "grad_sample_mode": resolved_mode(stage, built, policy, config.compute.precision),
                "seconds": float(np.round(time.perf_counter() - started, 2))}
     return PassResult(stage, module_weights(built.module), summary, log, entry)
 
@@ -144,14 +149,20 @@ def _pick(items: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 @contextlib.contextmanager
 def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch: float, sigma: float,
-            generator: torch.Generator) -> Iterator[Callable[[list[Unit], int], tuple[float, int]]]:
+            generator: torch.Generator, precision: str = "fp32",
+            stage: str = "") -> Iterator[Callable[[list[Unit], int], tuple[float, int]]]:
     """The DP step in the policy's per-sample gradient mode; it returns (the mean loss of the patients it
     used, how many it dropped for a non-finite loss or gradient). Opacus' hooks and per-sample gradients
-    are removed from the module when the block ends, however it ends."""
+    are removed from the module when the block ends, however it ends. With precision bf16 the forward is
+    autocast; the per-patient gradients are cast to fp32 before they are clipped, and noise is fp32."""
     module = built.module
-    mode = resolved_mode(built, policy)
+    mode = resolved_mode(stage, built, policy, precision)
+    if mode == "ghost" and precision != "fp32":
+        raise UserError("grad_sample_mode ghost computes the per-patient norms inside the backward, in the "
+                        f"forward's dtype: use precision fp32 with it, or hooks with {precision}")
+    device = module_device(module)
     params = [p for p in module.parameters() if p.requires_grad]  # the stage's trainable subset only
-    base = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    base = adamw(params, settings.lr, settings.weight_decay, device)
     expected = max(1, int(round(expected_batch)))
     opts = dict(noise_multiplier=sigma, max_grad_norm=policy.max_grad_norm, expected_batch_size=expected,
                 loss_reduction="mean", generator=generator)
@@ -186,7 +197,7 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
             # find such patients first (no hooks, no graph), then train on the others only
             gsm.disable_hooks()
             with torch.no_grad():
-                probe, _ = built.unit_loss(picks, index)
+                probe, _ = built.unit_loss(picks, index)  # ghost: fp32 only (checked above)
             gsm.enable_hooks()
             keep = [p for p, ok in zip(picks, torch.isfinite(probe).tolist()) if ok]
             dropped = len(picks) - len(keep)
@@ -201,7 +212,8 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
             (coeff.detach() * losses).sum().backward()  # second pass: the clipped sum
             gsm.enable_hooks()
         else:
-            losses, row_unit = built.unit_loss(picks, index)
+            with autocast(device, precision):
+                losses, row_unit = built.unit_loss(picks, index)
             finite = torch.isfinite(losses.detach())
             with warnings.catch_warnings():  # "full backward hook firing ... no inputs require gradients"
                 warnings.simplefilter("ignore", UserWarning)
@@ -220,19 +232,36 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
             p.grad = None
 
 
-def resolved_mode(built: PrivateStage, policy: PrivacyPolicy) -> str:
-    return built.fastest_mode if policy.grad_sample_mode == "auto" else policy.grad_sample_mode
+def resolved_mode(stage: str, built: PrivateStage, policy: PrivacyPolicy, precision: str = "fp32") -> str:
+    """The policy's mode, or for auto the measured fastest one this pass can use (ghost needs one forward row
+    per patient and fp32)."""
+    if policy.grad_sample_mode != "auto":
+        return policy.grad_sample_mode
+    ghost_ok = built.one_row_per_unit and policy.records_per_patient == 1 and precision == "fp32"
+    mode = measured_fastest(module_device(built.module).type, precision).get(stage, "hooks")
+    return mode if mode != "ghost" or ghost_ok else "hooks"
+
+
+def measured_fastest(device_type: str, precision: str, path: Path | None = None) -> dict[str, str]:
+    """stage -> the Opacus mode measured fastest on this kind of device in this precision ({} if unmeasured)."""
+    path = path or MEASURED_MODES
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    return table.get(device_type, {}).get(precision, {})
 
 
 def group_grad_samples(params: list[torch.nn.Parameter], row_unit: torch.Tensor, n_units: int) -> None:
-    """Sum Opacus' per-row gradients into one gradient per patient (what DP-SGD then clips)."""
+    """Sum Opacus' per-row gradients into one gradient per patient (what DP-SGD then clips), in the
+    parameter's dtype (fp32): under bf16 autocast Opacus' rows come in bf16, and the norms that decide the
+    clipping must not be rounded to 8 bits."""
     identity = len(row_unit) == n_units and bool((row_unit.cpu() == torch.arange(n_units)).all())
     for p in params:
-        if identity and not isinstance(p.grad_sample, list):
-            continue  # one row per patient already (1 record, VAE/twin): nothing to sum
         rows = p.grad_sample
         if isinstance(rows, list):
-            rows = torch.stack(rows).sum(0)
+            rows = torch.stack([r.to(p.dtype) for r in rows]).sum(0)
+        rows = rows.to(p.dtype)
+        if identity:
+            p.grad_sample = rows  # one row per patient already (1 record, VAE/twin): nothing to sum
+            continue
         p.grad_sample = torch.zeros((n_units, *rows.shape[1:]), dtype=rows.dtype,
                                     device=rows.device).index_add_(0, row_unit.to(rows.device), rows)
 
@@ -292,7 +321,8 @@ def _vae(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
         kl = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
         noise = _rows_from(rand, "vae-noise", step, picks, lambda g: torch.randn(latent, generator=g)).to(device)
         unit = unit.to(device)
-        return _per_unit_mean(vae_batch_loss(vae, torch.from_numpy(store.read(rows[index.numpy()])).to(device), kl, noise=noise), unit, len(picks)), unit
+        batch = to_device(store.read(rows[index.numpy()]), device)
+        return _per_unit_mean(vae_batch_loss(vae, batch, kl, noise=noise), unit, len(picks)), unit
 
     return PrivateStage(vae, _units_by_patient(store, rows), unit_loss, one_row_per_unit=True)
 
