@@ -42,9 +42,15 @@ DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
 DEFAULT_FOUNDATION = ROOT / "foundations" / "demo"
 FOUNDATION_COMMAND = ("ecgtwin pretrain --config configs/demo-foundation.yaml --source synthetic --patients 1000 "
                       "--records-per-patient 3 --out foundations/demo")
-# New conditions for the twins: (report, requested HR). The public population never shows the last one.
-TARGETS = (("Atrial fibrillation", 105.0), ("Sinus tachycardia", 120.0), ("Sinus bradycardia", 50.0),
-           ("Normal sinus rhythm. Left bundle branch block.", 70.0))
+# New conditions for the twins: (report, requested HR), written as the sites' machine reports write them
+# (docs/synthetic.md: a rhythm, the findings, a summary statement). A bare statement the model never saw as
+# a whole report is followed less well: "Sinus tachycardia" at 120 bpm gave twins about 30 bpm too slow,
+# "Sinus tachycardia. Otherwise normal ECG." about 13 (measured, the same model). The public population
+# never shows the last one.
+TARGETS = (("Atrial fibrillation with rapid ventricular response. Abnormal ECG.", 105.0),
+           ("Sinus tachycardia. Otherwise normal ECG.", 120.0),
+           ("Sinus bradycardia. Otherwise normal ECG.", 50.0),
+           ("Normal sinus rhythm. Left bundle branch block. Abnormal ECG.", 70.0))
 UNSEEN_IN_PUBLIC = "Left bundle branch block"
 
 
@@ -230,7 +236,7 @@ def _plot_beats(beats: dict, png: Path) -> None:
                     t = (np.arange(beat.shape[1]) / 500.0 - 0.25) * 1000
                     ax.plot(t, beat[LEADS.index(lead)], color=colours[n % 6], lw=1,
                             label=patient if (m == 0 and i == 0 and j == 0) else None)
-            ax.set_title(f"{TARGETS[k][0][:28]} / {lead}", fontsize=8)
+            ax.set_title(f"{TARGETS[k][0].removesuffix(' Abnormal ECG.')[:44]} / {lead}", fontsize=7)
             ax.set_xlabel("ms from R", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("median beats of the twins: one colour per patient (same colour = same person)", fontsize=9)
