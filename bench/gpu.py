@@ -72,7 +72,7 @@ def training(config: ExperimentConfig, store: Path, device: torch.device, batch:
             timings = {}
             for name, run in runs.items():
                 run(1)  # warm-up
-                # each pass times its own loop (after its set-up: latents, plan); every step syncs on its loss
+                # each pass times its own loop (after its set-up: latents, plan), up to reading its losses back
                 timings[name] = sorted(run(steps).summary["seconds"] / steps for _ in range(3))[1]
             fastest = min(modes, key=lambda m: timings[f"dp_{m}"])
             out[stage] = {"step_s_non_dp": round(timings["non_dp"], 4),

@@ -71,7 +71,7 @@ def local_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: 
     optimizer = adamw(trainable(built.module), settings.lr, settings.weight_decay, device)
     compile_module(built.module, config.compute.compile)
     pull = proximal_step(built.module, settings.lr, proximal_mu)
-    log, started = [], time.perf_counter()
+    step_losses, started = [], time.perf_counter()
     built.module.train()
     for step in tqdm(range(steps), desc=f"{stage} r{round}", unit="step", disable=not progress, file=sys.stderr):
         with autocast(device, config.compute.precision):
@@ -81,8 +81,9 @@ def local_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: 
         torch.nn.utils.clip_grad_norm_(trainable(built.module), settings.grad_clip)
         optimizer.step()
         pull()
-        log.append({"round": round, "step": step + 1, "loss": loss.item()})
-    losses = [e["loss"] for e in log]
+        step_losses.append(loss.detach())  # kept on the device: no host synchronisation per step
+    losses = torch.stack(step_losses).float().tolist()  # one for the whole pass
+    log = [{"round": round, "step": k + 1, "loss": value} for k, value in enumerate(losses)]
     summary = {"stage": stage, "round": round, "steps": steps, "records_used": len(rows),
                "patients": len(set(store.records.patient_id.to_numpy()[rows])),
                "loss": float(np.mean(losses[-max(1, len(losses) // 5):])), "first_loss": losses[0],
