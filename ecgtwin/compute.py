@@ -19,11 +19,15 @@ from ecgtwin.errors import UserError
 PRECISIONS = ("fp32", "bf16")
 
 
-def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """The forward-pass context of `precision` on `device`: bf16 autocast, or nothing for fp32."""
+def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+    return precision
+
+
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The forward-pass context of `precision` on `device`: bf16 autocast, or nothing for fp32."""
+    if check_precision(precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 

@@ -18,7 +18,7 @@ from scipy import signal as sps
 from tqdm import tqdm
 
 from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.compute import autocast, compile_module, use_tf32
+from ecgtwin.compute import autocast, check_precision, compile_module, use_tf32
 from ecgtwin.conditioning import SEX_CODE, conditioning_hr, report_text
 from ecgtwin.config import STAGES
 from ecgtwin.data.preprocess import PreprocessConfig, preprocess
@@ -126,8 +126,7 @@ class TwinGenerator:
         self.vae, self.ibe, self.denoiser = (
             self._frozen(self.checkpoint.load_weights(s, build_module(s, self.config))) for s in STAGES)
         use_tf32(self.device, self.config.compute.tf32)
-        self.precision = self.config.compute.precision if precision is None else precision
-        autocast(self.device, self.precision)  # an unknown precision fails here, not at the first twin
+        self.precision = check_precision(self.config.compute.precision if precision is None else precision)
         compile_module(self.denoiser, self.config.compute.compile if compile is None else compile)
         self.diffusion = GaussianDiffusion(model.diffusion)
         self.conditioner = load_conditioner(self.config, self.checkpoint.path)

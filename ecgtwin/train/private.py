@@ -109,8 +109,9 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
     settings = config.stage(stage)
     use_tf32(device, config.compute.tf32)
     pull = proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
+    mode = resolved_mode(stage, built, policy, config.compute.precision)
     with dp_step(built, policy, settings, q * population, sigma, rand.pass_generator(device),
-                 config.compute.precision, stage) as step_fn:
+                 config.compute.precision, mode) as step_fn:
         entry = ledger.charge(policy, stage, round, steps, q, sigma, n, run, key=charge_key)
         started, losses, used_patients, used_records, skipped, log = time.perf_counter(), [], set(), 0, 0, []
         bar = tqdm(total=steps, desc=f"dp {stage} r{round}", unit="step", disable=not progress, file=sys.stderr)
@@ -138,7 +139,7 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                "first_loss": finite[0] if finite else float("nan"),
                "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
                "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
-               "unit": policy.unit, "grad_sample_mode": resolved_mode(stage, built, policy, config.compute.precision),
+               "unit": policy.unit, "grad_sample_mode": mode,
                "seconds": float(np.round(time.perf_counter() - started, 2))}
     return PassResult(stage, module_weights(built.module), summary, log, entry)
 
@@ -150,13 +151,13 @@ def _pick(items: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 @contextlib.contextmanager
 def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch: float, sigma: float,
             generator: torch.Generator, precision: str = "fp32",
-            stage: str = "") -> Iterator[Callable[[list[Unit], int], tuple[float, int]]]:
+            mode: str | None = None) -> Iterator[Callable[[list[Unit], int], tuple[float, int]]]:
     """The DP step in the policy's per-sample gradient mode; it returns (the mean loss of the patients it
     used, how many it dropped for a non-finite loss or gradient). Opacus' hooks and per-sample gradients
     are removed from the module when the block ends, however it ends. With precision bf16 the forward is
     autocast; the per-patient gradients are cast to fp32 before they are clipped, and noise is fp32."""
     module = built.module
-    mode = resolved_mode(stage, built, policy, precision)
+    mode = mode or resolved_mode("", built, policy, precision)  # "": no measured stage, auto is hooks
     if mode == "ghost" and precision != "fp32":
         raise UserError("grad_sample_mode ghost computes the per-patient norms inside the backward, in the "
                         f"forward's dtype: use precision fp32 with it, or hooks with {precision}")
