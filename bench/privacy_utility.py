@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
+from bench.cpu_meter import CpuMeter
 from bench.results import REFERENCE_SEED, _store, train_federated
 from ecgtwin.config import STAGES, load_config, save_config
 
@@ -71,12 +71,17 @@ class Row:
 
 def run_row(row: Row, out: Path) -> dict:
     """Train and evaluate one row under out/<size>/<row name>; returns the row's record."""
+    base = out / f"n{row.patients_per_site}"
+    stores = _stores(base, row.patients_per_site)  # made once per size, not timed
+    with CpuMeter() as meter:
+        return _measured_row(row, base, stores, meter)
+
+
+def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter) -> dict:
     from bench.results import Scale
     from ecgtwin.evaluate import run_evaluation
 
-    base = out / f"n{row.patients_per_site}"
-    stores = _stores(base, row.patients_per_site)  # made once per size, not timed
-    started, cpu0 = time.perf_counter(), _cpu_seconds()
+    started, cpu0 = time.perf_counter(), meter.seconds()
     rounds, steps, fractions = row.plan()
     scale = Scale(patients_per_site=row.patients_per_site, rounds=rounds, local_steps=steps,
                   batch_patients=row.batch_patients, budget_fractions=fractions, held_out_fraction=HELD_OUT,
@@ -88,7 +93,7 @@ def run_row(row: Row, out: Path) -> dict:
     else:
         model = train_federated(folder, stores, scale, row.epsilon, config=_config(row, folder),
                                 foundation=Path(row.foundation) if row.start == "foundation" else None)
-    trained, cpu1 = time.perf_counter(), _cpu_seconds()
+    trained, cpu1 = time.perf_counter(), meter.seconds()
     metrics = run_evaluation(model, store=stores["pooled"], out=folder / "eval", twins_per_patient=row.twins_per_patient,
                              guidance=2.0, precision=row.precision, encoder_steps=scale.encoder_steps, encoder_store=stores["reference"],
                              encoder_cache=base / "encoder-reference", downstream=False, progress=False)
@@ -101,7 +106,7 @@ def run_row(row: Row, out: Path) -> dict:
                                                   "identification_chance_top1")},
             "train_wall_s": round(trained - started, 1), "train_cpu_s": round(cpu1 - cpu0, 1),
             "eval_wall_s": round(time.perf_counter() - trained, 1),
-            "eval_cpu_s": round(_cpu_seconds() - cpu1, 1)}
+            "eval_cpu_s": round(meter.seconds() - cpu1, 1), "cpu_measured_by": "process tree (bench.cpu_meter)"}
 
 
 def _noise_on_mean(sites: Path) -> dict:
@@ -142,12 +147,6 @@ def regimes(data: Path = DATA, out: Path = REGIMES) -> Path:
              "collapses_from": min(noise("collapses"), default=None), "rows": verdicts}
     out.write_text(json.dumps(table, indent=2) + "\n")
     return out
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the simulation runs in a child)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _stores(base: Path, patients: int) -> dict[str, Path]:

@@ -4,6 +4,7 @@ are read after the last ")")."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,6 +16,7 @@ class Stat(NamedTuple):
     ppid: int
     pgrp: int  # process group
     start_time: int  # clock ticks since boot: with the pid, an identity that a reused pid does not share
+    cpu_ticks: int = 0  # user + system time of the process itself (not its children), in clock ticks
 
 
 def available() -> bool:
@@ -32,7 +34,7 @@ def stat(pid: int) -> Stat | None:
     except OSError:
         return None
     fields = text[text.rindex(")") + 2:].split()  # state ppid pgrp session tty tpgid flags ... starttime (20th)
-    return Stat(fields[0], int(fields[1]), int(fields[2]), int(fields[19]))
+    return Stat(fields[0], int(fields[1]), int(fields[2]), int(fields[19]), int(fields[11]) + int(fields[12]))
 
 
 def running(pid: int) -> bool:
@@ -47,6 +49,10 @@ def environ_has(pid: int, entry: str) -> bool:
         return entry.encode() in (PROC / str(pid) / "environ").read_bytes().split(b"\0")
     except OSError:
         return False
+
+
+def ticks_per_second() -> int:
+    return os.sysconf("SC_CLK_TCK")
 
 
 def command_line(pid: int) -> str:
