@@ -16,6 +16,10 @@ held-out patients of all sites together (the same patients in every row of one s
 the evaluation encoder trained on a reference population no row trains on. --record merges the row, with its
 CPU and wall time, into bench/data/privacy_utility.json; `python -m bench.tables` renders the table in
 docs/privacy.md from it.
+
+`--data ptbxl` is the real-data row: the same foundation (pretrained on the simulator only), fine-tuned at
+three sites made of ../shared/data/ptbxl split by PTB-XL's own recording-site column (0, 1, 2 and 3), and
+evaluated on held-out PTB-XL patients with an evaluation encoder trained on other held-out PTB-XL patients.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ FOUNDATION = ROOT / "foundations" / "demo"
 DATA = ROOT / "bench" / "data" / "privacy_utility.json"
 REGIMES = ROOT / "ecgtwin" / "privacy" / "regimes.json"
 HELD_OUT = 0.3
+PTBXL = ROOT.parent / "shared" / "data" / "ptbxl"
+PTBXL_SITES = {"site_a": ("0",), "site_b": ("1",), "site_c": ("2", "3")}  # PTB-XL's `site` column
+# 400 ECGs, of which only 22 patients have two or more: hold half the patients out so that some of those get
+# twins (the held-out patients with one ECG and a fifth of the others train the evaluation encoder)
+PTBXL_HELD_OUT, PTBXL_ENCODER_FRACTION, PTBXL_BATCH = 0.5, 0.2, 8
 GUIDANCE_PERSON = 2.0  # as the demo generates (every row alike)
 
 
@@ -52,12 +61,18 @@ class Row:
     twins_per_patient: int = 2
     foundation: str = str(FOUNDATION)
     precision: str = "fp32"  # the config's compute.precision: training and generation
+    data: str = "synthetic"  # synthetic (the consortium at patients_per_site) | ptbxl (../shared/data/ptbxl)
 
     @property
     def name(self) -> str:
         eps = "nonprivate" if self.epsilon is None else f"eps{self.epsilon:g}"
         suffix = "" if self.precision == "fp32" else f"-{self.precision}"
-        return f"n{self.patients_per_site}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
+        size = "ptbxl" if self.data == "ptbxl" else f"n{self.patients_per_site}"
+        return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
+
+    @property
+    def held_out(self) -> float:
+        return PTBXL_HELD_OUT if self.data == "ptbxl" else HELD_OUT
 
     def plan(self) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple]:
         """(rounds, local steps, budget fractions) per stage: the demo's fine-tuning schedule; the VAE
@@ -71,8 +86,8 @@ class Row:
 
 def run_row(row: Row, out: Path) -> dict:
     """Train and evaluate one row under out/<size>/<row name>; returns the row's record."""
-    base = out / f"n{row.patients_per_site}"
-    stores = _stores(base, row.patients_per_site)  # made once per size, not timed
+    base = out / ("ptbxl" if row.data == "ptbxl" else f"n{row.patients_per_site}")
+    stores = _ptbxl_stores(base) if row.data == "ptbxl" else _stores(base, row.patients_per_site)  # not timed
     with CpuMeter() as meter:
         return _measured_row(row, base, stores, meter)
 
@@ -84,19 +99,21 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
     started, cpu0 = time.perf_counter(), meter.seconds()
     rounds, steps, fractions = row.plan()
     scale = Scale(patients_per_site=row.patients_per_site, rounds=rounds, local_steps=steps,
-                  batch_patients=row.batch_patients, budget_fractions=fractions, held_out_fraction=HELD_OUT,
+                  batch_patients=row.batch_patients, budget_fractions=fractions, held_out_fraction=row.held_out,
                   twins_per_patient=row.twins_per_patient)
     folder = base / row.name
     folder.mkdir(parents=True, exist_ok=True)
     if row.start == "public-only":
-        model = _public_only(folder, Path(row.foundation))
+        model = _public_only(folder, Path(row.foundation), row.held_out)
     else:
         model = train_federated(folder, stores, scale, row.epsilon, config=_config(row, folder),
                                 foundation=Path(row.foundation) if row.start == "foundation" else None)
     trained, cpu1 = time.perf_counter(), meter.seconds()
+    encoder = ({"encoder_fraction": PTBXL_ENCODER_FRACTION, "encoder_cache": base / "encoder-ptbxl"}
+               if row.data == "ptbxl" else {"encoder_store": stores["reference"], "encoder_cache": base / "encoder-reference"})
     metrics = run_evaluation(model, store=stores["pooled"], out=folder / "eval", twins_per_patient=row.twins_per_patient,
-                             guidance=2.0, precision=row.precision, encoder_steps=scale.encoder_steps, encoder_store=stores["reference"],
-                             encoder_cache=base / "encoder-reference", downstream=False, progress=False)
+                             guidance=2.0, precision=row.precision, encoder_steps=scale.encoder_steps,
+                             downstream=False, progress=False, **encoder)
     return {"row": dataclasses.asdict(row), "name": row.name, "rounds": rounds, "local_steps": steps,
             "noise_on_mean_update": _noise_on_mean(folder / "sites"),
             "metrics": {k: metrics.get(k) for k in ("fid", "f1", "clip_score", "hr_mae", "condition_accuracy",
@@ -163,7 +180,34 @@ def _stores(base: Path, patients: int) -> dict[str, Path]:
     return stores
 
 
-def _public_only(folder: Path, foundation: Path) -> Path:
+def _ptbxl_stores(base: Path, root: Path = PTBXL) -> dict[str, Path]:
+    """Three sites of PTB-XL by its recording-site column: each a PTB-XL folder of its own (its rows of
+    ptbxl_database.csv, byte for byte, beside links to the shared records), prepared at 100 Hz."""
+    import csv
+
+    if not (root / "ptbxl_database.csv").is_file():
+        raise FileNotFoundError(f"{root}: PTB-XL is not there (the ptbxl rows need ../shared/data/ptbxl)")
+    stores = {}
+    for site, codes in PTBXL_SITES.items():
+        folder = base / "sites-data" / site
+        if not (folder / "ptbxl_database.csv").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(root / "ptbxl_database.csv", newline="") as source:
+                lines = source.read().splitlines(keepends=True)
+            header = next(csv.reader(lines[:1]))
+            column = header.index("site")
+            kept = [line for line, fields in zip(lines[1:], csv.reader(lines[1:]))
+                    if fields[column] and str(int(float(fields[column]))) in codes]
+            for name in ("records100", "scp_statements.csv"):
+                if not (folder / name).exists():
+                    (folder / name).symlink_to(root / name)
+            (folder / "ptbxl_database.csv").write_text("".join([lines[0], *kept]))
+        stores[site] = _store("ptbxl", folder, base / "stores" / site, rate=100)
+    stores["pooled"] = _store("ptbxl", root, base / "pooled-store", rate=100)
+    return stores
+
+
+def _public_only(folder: Path, foundation: Path, held_out: float) -> Path:
     """The foundation's weights under the bench's held-out split (so that the same patients are evaluated)."""
     import shutil
 
@@ -172,7 +216,7 @@ def _public_only(folder: Path, foundation: Path) -> Path:
     for name in (*(f"{s}.safetensors" for s in STAGES), "conditioning.json"):
         shutil.copy(foundation / name, model / name)
     config = load_config(foundation / "config.yaml")
-    config.data.held_out_fraction = HELD_OUT
+    config.data.held_out_fraction = held_out
     config.generate.guidance_person = GUIDANCE_PERSON
     save_config(config, model / "config.yaml")
     return model
@@ -180,7 +224,7 @@ def _public_only(folder: Path, foundation: Path) -> Path:
 
 def _config(row: Row, folder: Path) -> Path:
     config = load_config(CONFIG)
-    config.data.held_out_fraction = HELD_OUT
+    config.data.held_out_fraction = row.held_out
     config.generate.guidance_person = GUIDANCE_PERSON
     config.compute.precision = row.precision
     if row.start == "foundation":
@@ -215,8 +259,8 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
     x_private = max(eps_values, default=8.0) * 1.6  # where "no DP" sits on the axis
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        key = (f"{r['row']['patients_per_site']}/site, {r['row']['start']}, VAE {r['row']['vae']}, "
-               f"{r['row']['trainable']}")
+        size = "PTB-XL" if r["row"].get("data") == "ptbxl" else f"{r['row']['patients_per_site']}/site"
+        key = f"{size}, {r['row']['start']}, VAE {r['row']['vae']}, {r['row']['trainable']}"
         groups.setdefault(key, []).append(r)
     for ax, (metric, title) in zip(axes, keys):
         for label, members in sorted(groups.items(), key=lambda g: (g[1][0]["row"]["patients_per_site"], g[0])):
@@ -245,6 +289,8 @@ def main() -> None:
     parser.add_argument("--trainable", choices=["all", "condition", "lora"], default="all")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="train and generate in this precision (ecgtwin.compute)")
+    parser.add_argument("--data", choices=["synthetic", "ptbxl"], default="synthetic",
+                        help="ptbxl: three sites of ../shared/data/ptbxl by its recording site (--patients-per-site unused)")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -255,11 +301,13 @@ def main() -> None:
     if args.plot or args.regimes:
         print(plot() if args.plot else regimes())
         return
-    row = Row(patients_per_site=args.patients_per_site,
+    sized = ({"patients_per_site": 0, "batch_patients": PTBXL_BATCH, "twins_per_patient": 4} if args.data == "ptbxl"
+             else {"patients_per_site": args.patients_per_site})
+    row = Row(**sized,
               epsilon=None if args.epsilon.lower() == "none" or args.start == "public-only" else float(args.epsilon),
               start=args.start,
               vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
-              foundation=str(args.foundation.resolve()), precision=args.precision)
+              foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

@@ -359,7 +359,7 @@ def privacy_utility(d: dict) -> str:
     """The privacy-utility rows: `python -m bench.privacy_utility ... --record` as committed."""
     rows = []
     starts = {"public-only": 0, "foundation": 1, "scratch": 2}
-    order = lambda r: (r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
+    order = lambda r: (r["row"].get("data", "synthetic") == "ptbxl", r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
                        r["row"]["trainable"], r["row"].get("precision", "fp32") != "fp32", -(r["row"]["epsilon"] or 1e9))
     for r in sorted(d["rows"].values(), key=order):
         row, m, ci = r["row"], r["metrics"], r.get("intervals", {})
@@ -371,7 +371,8 @@ def privacy_utility(d: dict) -> str:
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:g}"
         noise = r.get("noise_on_mean_update", {}).get("twin")
         trainable = row["trainable"] + ("" if row.get("precision", "fp32") == "fp32" else f", {row['precision']}")
-        rows.append([str(row["patients_per_site"]), eps, row["start"], row["vae"], trainable,
+        size = "PTB-XL" if row.get("data") == "ptbxl" else str(row["patients_per_site"])
+        rows.append([size, eps, row["start"], row["vae"], trainable,
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
                      "n/a" if noise is None else f(noise, 4), f(r["train_wall_s"] / 60, 1)])
     return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train (precision if not fp32)", "FID", "HR MAE",
