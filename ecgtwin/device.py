@@ -34,13 +34,13 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
     raise UserError(f"device {spec!r}: expected {CHOICES}")
 
 
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch read from a store, as float32 on `device`. To a GPU it goes through pinned host memory and
     an asynchronous copy, so the host does not wait for the transfer before it queues the step's kernels."""
     tensor = torch.as_tensor(array, dtype=torch.float32)
     if device.type != "cuda":
         return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

@@ -96,3 +96,28 @@ def test_reading_rows_gives_them_in_the_order_asked_and_names_a_truncated_file(p
     np.testing.assert_array_equal(store.read(np.array([3, 0])), np.asarray(store.signals[[3, 0]]))  # whole rows still read
     with pytest.raises(UserError, match=r"signals.npy: row 399 .*truncated"):
         store.read(rows)
+
+
+def test_reading_ahead_in_threads_gives_every_batch_in_order_and_bounds_what_is_in_flight(ptbxl_store, tmp_path):
+    """The frozen VAE's encoding reads the next batches in reader threads while it encodes this one: the same
+    arrays as store.read, in the order asked, no more than 2 x workers batches ahead, and a truncated file's
+    error reaches the caller."""
+    store = SiteStore(ptbxl_store)
+    chunks = [np.arange(i, min(i + 37, len(store))) for i in range(0, len(store), 37)]
+    handed_out = []
+
+    def lazily():
+        for i, rows in enumerate(chunks):
+            handed_out.append(i)
+            yield rows
+
+    for consumed, batch in enumerate(store.read_ahead(lazily(), workers=3)):
+        assert max(handed_out) - consumed <= 2 * 3  # never more than 2 x workers chunks read ahead
+        np.testing.assert_array_equal(batch, np.asarray(store.signals[chunks[consumed]]))
+    assert consumed == len(chunks) - 1
+    shutil.copytree(ptbxl_store, tmp_path / "s")
+    opened = SiteStore(tmp_path / "s")
+    with open(tmp_path / "s" / "signals.npy", "r+b") as f:  # cut the last record short under the open store
+        f.truncate((tmp_path / "s" / "signals.npy").stat().st_size - 100)
+    with pytest.raises(UserError, match=r"signals.npy: row 399 .*truncated"):
+        list(opened.read_ahead(iter(chunks), workers=2))

@@ -9,18 +9,24 @@ Layout of STORE/ (written atomically: a new store replaces the old one only when
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from ecgtwin.data.record import LEADS, Record, Rejected
 from ecgtwin.errors import UserError, MissingInput
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 RECORD_COLUMNS = (
@@ -154,6 +160,27 @@ class SiteStore:
         """The signals of `rows` (in that order) as an in-memory float32 array. Training reads a batch at a
         time through this: a large site's signals stay on disk (in the page cache, not in the RSS)."""
         return read_rows(self.path / "signals.npy", self.signals.offset, self.signals.shape[1:], rows)
+
+    def read_ahead(self, chunks: Iterable[np.ndarray], workers: int = 2,
+                   pin: bool = False) -> Iterator[np.ndarray | torch.Tensor]:
+        """store.read of each chunk of rows, in order, read by `workers` threads up to 2 x workers chunks
+        ahead: the positioned reads release the GIL, so the next batches come off disk while the caller
+        computes on this one. pin=True hands back pinned CPU tensors, ready for an asynchronous copy to a
+        GPU. Memory stays bounded by the chunks in flight."""
+        import torch
+
+        def load(rows: np.ndarray) -> np.ndarray | torch.Tensor:
+            batch = self.read(rows)
+            return torch.from_numpy(batch).pin_memory() if pin else batch
+
+        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="store-read") as pool:
+            for rows in chunks:
+                pending.append(pool.submit(load, rows))
+                if len(pending) > 2 * max(1, workers):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     def rejected(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "rejected.csv", keep_default_na=False)

@@ -23,15 +23,17 @@ from ecgtwin.models import LATENT_SCALE, ECGVAE, IndividualBaseExtractor
 
 @torch.no_grad()
 def encode_latents(vae: ECGVAE, store: SiteStore, rows: np.ndarray | None = None,
-                   batch_size: int = 64) -> torch.Tensor:
+                   batch_size: int = 64, readers: int = 2) -> torch.Tensor:
     """The frozen VAE's posterior means of the signals of `rows` (all when None), scaled by LATENT_SCALE:
     what the IBE and the DiT see. A store is read a batch at a time, so a site of 100,000 records never
-    holds its signals (5 GB) in memory, only their latents (0.2 GB)."""
+    holds its signals (5 GB) in memory, only their latents (0.2 GB); `readers` threads read the next batches
+    while this one is encoded."""
     vae.eval()
     device = module_device(vae)  # computed once per pass, on the pass's device, and kept there
     rows = np.arange(len(store)) if rows is None else np.asarray(rows)
-    out = [vae.encode(to_device(store.read(rows[i:i + batch_size]), device))[0]
-           for i in range(0, len(rows), batch_size)]
+    chunks = (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+    out = [vae.encode(to_device(batch, device))[0]
+           for batch in store.read_ahead(chunks, workers=readers, pin=device.type == "cuda")]
     return torch.cat(out) * LATENT_SCALE
 
 
