@@ -98,26 +98,24 @@ def test_reading_rows_gives_them_in_the_order_asked_and_names_a_truncated_file(p
         store.read(rows)
 
 
-def test_reading_ahead_in_threads_gives_every_batch_in_order_and_bounds_what_is_in_flight(ptbxl_store, tmp_path):
-    """The frozen VAE's encoding reads the next batches in reader threads while it encodes this one: the same
-    arrays as store.read, in the order asked, no more than 2 x workers batches ahead, and a truncated file's
-    error reaches the caller."""
+def test_reading_ahead_gives_the_batch_asked_for_whatever_was_announced(ptbxl_store, tmp_path):
+    """Training reads its next batches in reader threads while it computes: every read is store.read of the rows
+    asked for, whether they were announced (read ahead), announced differently (a wrong guess) or never; and a
+    truncated file's error reaches the caller."""
+    from ecgtwin.data.store import ReadAhead
+
     store = SiteStore(ptbxl_store)
-    chunks = [np.arange(i, min(i + 37, len(store))) for i in range(0, len(store), 37)]
-    handed_out = []
-
-    def lazily():
-        for i, rows in enumerate(chunks):
-            handed_out.append(i)
-            yield rows
-
-    for consumed, batch in enumerate(store.read_ahead(lazily(), workers=3)):
-        assert max(handed_out) - consumed <= 2 * 3  # never more than 2 x workers chunks read ahead
-        np.testing.assert_array_equal(batch, np.asarray(store.signals[chunks[consumed]]))
-    assert consumed == len(chunks) - 1
+    rng = np.random.default_rng(0)
+    batches = [rng.choice(len(store), size=9, replace=False) for _ in range(12)]
+    reader = ReadAhead(store, workers=3, ahead=4)
+    for k, rows in enumerate(batches):
+        guess = batches[k + 1:k + 5] if k % 3 else [batches[(k + 7) % 12][::-1]]  # right, then a wrong guess
+        np.testing.assert_array_equal(reader.read(rows, guess), np.asarray(store.signals[rows]))
+        assert len(reader._pending) == len(guess)  # what is in flight is what was announced, no more
     shutil.copytree(ptbxl_store, tmp_path / "s")
-    opened = SiteStore(tmp_path / "s")
+    opened = ReadAhead(SiteStore(tmp_path / "s"))
     with open(tmp_path / "s" / "signals.npy", "r+b") as f:  # cut the last record short under the open store
         f.truncate((tmp_path / "s" / "signals.npy").stat().st_size - 100)
+    opened.read(np.array([0]), [np.array([1, 399])])
     with pytest.raises(UserError, match=r"signals.npy: row 399 .*truncated"):
-        list(opened.read_ahead(iter(chunks), workers=2))
+        opened.read(np.array([1, 399]))

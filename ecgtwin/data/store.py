@@ -9,15 +9,16 @@ Layout of STORE/ (written atomically: a new store replaces the old one only when
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
+import itertools
 import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pandas as pd
@@ -161,29 +162,43 @@ class SiteStore:
         time through this: a large site's signals stay on disk (in the page cache, not in the RSS)."""
         return read_rows(self.path / "signals.npy", self.signals.offset, self.signals.shape[1:], rows)
 
-    def read_ahead(self, chunks: Iterable[np.ndarray], workers: int = 2,
-                   pin: bool = False) -> Iterator[np.ndarray | torch.Tensor]:
-        """store.read of each chunk of rows, in order, read by `workers` threads up to 2 x workers chunks
-        ahead: the positioned reads release the GIL, so the next batches come off disk while the caller
-        computes on this one. pin=True hands back pinned CPU tensors, ready for an asynchronous copy to a
-        GPU. Memory stays bounded by the chunks in flight."""
-        import torch
-
-        def load(rows: np.ndarray) -> np.ndarray | torch.Tensor:
-            batch = self.read(rows)
-            return torch.from_numpy(batch).pin_memory() if pin else batch
-
-        pending: collections.deque[concurrent.futures.Future] = collections.deque()
-        with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="store-read") as pool:
-            for rows in chunks:
-                pending.append(pool.submit(load, rows))
-                if len(pending) > 2 * max(1, workers):
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-
     def rejected(self) -> pd.DataFrame:
         return pd.read_csv(self.path / "rejected.csv", keep_default_na=False)
+
+
+class ReadAhead:
+    """A store's batches read by reader threads before the training loop asks for them: read(rows, upcoming)
+    hands back store.read(rows) (the prefetched copy when these rows were announced) and starts reading the
+    `upcoming` batches. The positioned reads release the GIL, so the next batches come off disk while the
+    caller computes on this one. An announced batch that is never asked for is dropped, so a wrong guess
+    costs a read, never a wrong batch. pin=True hands back pinned CPU tensors, ready for an asynchronous
+    copy to a GPU."""
+
+    def __init__(self, store: "SiteStore", workers: int = 2, ahead: int = 4, pin: bool = False) -> None:
+        self.store, self.ahead, self.pin = store, ahead, pin
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="store-read")
+        self._pending: dict[bytes, concurrent.futures.Future] = {}
+        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+
+    def read(self, rows: np.ndarray, upcoming: Iterable[np.ndarray] = ()) -> np.ndarray | torch.Tensor:
+        rows = np.asarray(rows, dtype=np.int64)
+        found = self._pending.pop(rows.tobytes(), None)
+        batch = found.result() if found is not None else self._load(rows)
+        wanted = {}
+        for later in itertools.islice(upcoming, self.ahead):
+            later = np.asarray(later, dtype=np.int64)
+            key = later.tobytes()
+            wanted[key] = self._pending.pop(key, None) or self._pool.submit(self._load, later)
+        for stale in self._pending.values():
+            stale.cancel()
+        self._pending = wanted
+        return batch
+
+    def _load(self, rows: np.ndarray) -> np.ndarray | torch.Tensor:
+        import torch
+
+        batch = self.store.read(rows)
+        return torch.from_numpy(batch).pin_memory() if self.pin else batch
 
 
 def read_rows(path: Path, offset: int, row_shape: tuple[int, ...], rows: np.ndarray) -> np.ndarray:

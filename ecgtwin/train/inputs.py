@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ecgtwin.conditioning import Conditioner, Conditions, store_conditions
-from ecgtwin.data.store import SiteStore
+from ecgtwin.data.store import ReadAhead, SiteStore
 from ecgtwin.device import module_device, to_device
 from ecgtwin.errors import UserError
 from ecgtwin.models import LATENT_SCALE, ECGVAE, IndividualBaseExtractor
@@ -31,9 +31,9 @@ def encode_latents(vae: ECGVAE, store: SiteStore, rows: np.ndarray | None = None
     vae.eval()
     device = module_device(vae)  # computed once per pass, on the pass's device, and kept there
     rows = np.arange(len(store)) if rows is None else np.asarray(rows)
-    chunks = (rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
-    out = [vae.encode(to_device(batch, device))[0]
-           for batch in store.read_ahead(chunks, workers=readers, pin=device.type == "cuda")]
+    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    reader = ReadAhead(store, workers=readers, ahead=2 * readers, pin=device.type == "cuda")
+    out = [vae.encode(to_device(reader.read(chunk, chunks[k + 1:k + 1 + reader.ahead]), device))[0] for k, chunk in enumerate(chunks)]
     return torch.cat(out) * LATENT_SCALE
 
 

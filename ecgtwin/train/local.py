@@ -21,7 +21,7 @@ from ecgtwin.conditioning import Conditioner, PatientInfoNormalizer, conditioner
 from ecgtwin.compute import adamw, autocast, compile_module, use_tf32
 from ecgtwin.config import ExperimentConfig
 from ecgtwin.device import module_device, to_device
-from ecgtwin.data.store import SiteStore
+from ecgtwin.data.store import ReadAhead, SiteStore
 from ecgtwin.models import GaussianDiffusion, kl_weight_at
 from ecgtwin.train import inputs as stage_inputs
 from ecgtwin.train.losses import ibe_batch_loss, twin_batch_loss, vae_batch_loss
@@ -115,14 +115,26 @@ def proximal_step(module: torch.nn.Module, lr: float, mu: float) -> Callable[[],
 
 def _vae_stage(config, store, rows, vae, frozen, conditioner, rng) -> Stage:
     settings = config.vae
+    device = module_device(vae)
+    reader = ReadAhead(store, pin=device.type == "cuda")
+    draw = lambda r: rows[r.choice(len(rows), size=min(settings.batch_size, len(rows)), replace=False)]  # noqa: E731
 
     def step_loss(step: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        index = rng.choice(len(rows), size=min(settings.batch_size, len(rows)), replace=False)
+        # the next steps' batches are read while this one trains: their rows are what this step's generator
+        # will draw next, peeked at on a copy of it, so the draws (and an exact resume) are unchanged
+        index = draw(rng)
         kl_weight = kl_weight_at(step, settings.kl_ramp_steps, settings.kl_max)
-        batch = to_device(store.read(rows[index]), module_device(vae))
+        batch = to_device(reader.read(index, _peek(rng, draw, reader.ahead)), device)
         return vae_batch_loss(vae, batch, kl_weight, generator).mean(), {"kl_weight": kl_weight}
 
     return Stage(vae, step_loss, len(rows))
+
+
+def _peek(rng: np.random.Generator, draw: Callable[[np.random.Generator], np.ndarray], n: int) -> list[np.ndarray]:
+    """The next n draws `rng` would give, without advancing it."""
+    copy = np.random.Generator(type(rng.bit_generator)())
+    copy.bit_generator.state = rng.bit_generator.state
+    return [draw(copy) for _ in range(n)]
 
 
 def _ibe_stage(config, store, rows, ibe, frozen, conditioner, rng) -> Stage:
