@@ -82,17 +82,20 @@ def training(config: ExperimentConfig, store: Path, device: torch.device, batch:
     return out
 
 
-def generation(checkpoint: Path, store: Path, device: torch.device, n: int, precision: str = "fp32") -> dict:
+def generation(checkpoint: Path, store: Path, device: torch.device, n: int, precision: str = "fp32",
+               compile: bool = False) -> dict:
+    """Twins/s of one batch of n, after a warm-up (of the same n when compiled: another batch size would
+    compile again inside the timing)."""
     from ecgtwin.data.store import SiteStore
     from ecgtwin.twin import Condition, TwinGenerator, reference_from_store
 
-    generator = TwinGenerator(checkpoint, device=device, precision=precision)
+    generator = TwinGenerator(checkpoint, device=device, precision=precision, compile=compile)
     reference = reference_from_store(SiteStore(store), 0)
     target = Condition("Sinus rhythm. Normal ECG.", 70.0, 50.0, "F")
     out = {}
     for name, guidance in (("no_guidance", 1.0), ("guidance_2", 2.0)):
         generator.config.generate.guidance_condition = guidance
-        generator.generate(reference, target, n=min(n, 8), seed=0)  # warm-up
+        generator.generate(reference, target, n=n if compile else min(n, 8), seed=0)  # warm-up
         _sync(device)
         started = time.perf_counter()
         generator.generate(reference, target, n=n, seed=1)
@@ -102,7 +105,7 @@ def generation(checkpoint: Path, store: Path, device: torch.device, n: int, prec
 
 
 def run(device: torch.device, configs: list[str], batch: int, steps: int, twins: int,
-        precisions: list[str] = ("fp32",)) -> dict:
+        precisions: list[str] = ("fp32",), compile: bool = False) -> dict:
     from ecgtwin.checkpoint import Checkpoint
     from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
     from ecgtwin.data.preprocess import PreprocessConfig
@@ -133,9 +136,10 @@ def run(device: torch.device, configs: list[str], batch: int, steps: int, twins:
         for stage in STAGES:
             checkpoint.save_arrays(stage, initial_weights(stage, config))
         for precision in precisions:
-            suffix = "" if precision == "fp32" else f"_{precision}"
-            result[f"generation_paper_dpm25{suffix}"] = generation(checkpoint.path, root / "store", device, twins,
-                                                                   precision)
+            for compiled in (False, True) if compile else (False,):
+                suffix = ("" if precision == "fp32" else f"_{precision}") + ("_compiled" if compiled else "")
+                result[f"generation_paper_dpm25{suffix}"] = generation(checkpoint.path, root / "store", device,
+                                                                       twins, precision, compiled)
     return result
 
 
@@ -166,12 +170,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per pass")
     parser.add_argument("--twins", type=int, default=512, help="twins per timed generation batch")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time generation with the denoiser under torch.compile (compute.compile)")
     parser.add_argument("--out", type=Path, default=Path("gpu-results"))
     parser.add_argument("--record", action="store_true",
                         help="also write bench/data/benchmarks/device-<cpu|cuda>.json (then python -m bench.tables)")
     args = parser.parse_args()
     result = run(resolve_device(args.device), args.configs.split(","), args.batch, args.steps, args.twins,
-                 args.precisions.split(","))
+                 args.precisions.split(","), args.compile)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

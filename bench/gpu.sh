@@ -15,5 +15,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -m pytest -q tests/test_device.py -p no:cacheprovider 2>&1 | tee -a "$OUT/smoke.txt"
 # --record writes bench/data/benchmarks/device-cuda.json and the CUDA modes of ecgtwin/train/opacus_modes.json;
 # copies go to OUT, so that a machine whose tree is thrown away still hands them back to commit
-"$PY" -m bench.gpu --device cuda --out "$OUT" --batch "${BATCH:-64}" --steps "${STEPS:-10}" --twins "${TWINS:-2048}" --record
+"$PY" -m bench.gpu --device cuda --out "$OUT" --batch "${BATCH:-64}" --steps "${STEPS:-10}" --twins "${TWINS:-2048}" --compile --record
 cp bench/data/benchmarks/device-cuda.json ecgtwin/train/opacus_modes.json "$OUT/"

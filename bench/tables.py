@@ -335,7 +335,12 @@ def bench_device_training(d: dict) -> str:
 
 
 def bench_device_generation(d: dict) -> str:
-    rows = [[key.removeprefix("generation_paper_dpm25").lstrip("_") or "fp32", name.replace("_", " "),
+    def variant(key: str) -> str:  # generation_paper_dpm25[_bf16][_compiled]
+        words = key.removeprefix("generation_paper_dpm25").split("_")[1:]
+        precision = next((w for w in words if w != "compiled"), "fp32")
+        return precision + (", torch.compile" if "compiled" in words else "")
+
+    rows = [[variant(key), name.replace("_", " "),
              plain(r["twins"]), plain(r["twins_per_s"])]
             for key, runs in d.items() if key.startswith("generation_") for name, r in runs.items()]
     return table(["precision", "guidance", "twins in the batch", "twins/s"], rows)
