@@ -62,6 +62,7 @@ class Row:
     foundation: str = str(FOUNDATION)
     precision: str = "fp32"  # the config's compute.precision: training and generation
     data: str = "synthetic"  # synthetic (the consortium at patients_per_site) | ptbxl (../shared/data/ptbxl)
+    eval_patients: int | None = None  # twins of only the first N held-out patients (the same N in every row of a size)
 
     @property
     def name(self) -> str:
@@ -113,7 +114,7 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
                if row.data == "ptbxl" else {"encoder_store": stores["reference"], "encoder_cache": base / "encoder-reference"})
     metrics = run_evaluation(model, store=stores["pooled"], out=folder / "eval", twins_per_patient=row.twins_per_patient,
                              guidance=2.0, precision=row.precision, encoder_steps=scale.encoder_steps,
-                             downstream=False, progress=False, **encoder)
+                             max_patients=row.eval_patients, downstream=False, progress=False, **encoder)
     return {"row": dataclasses.asdict(row), "name": row.name, "rounds": rounds, "local_steps": steps,
             "noise_on_mean_update": _noise_on_mean(folder / "sites"),
             "metrics": {k: metrics.get(k) for k in ("fid", "f1", "clip_score", "hr_mae", "condition_accuracy",
@@ -173,10 +174,10 @@ def _stores(base: Path, patients: int) -> dict[str, Path]:
         if not (base / name).is_dir():
             synthesize_consortium(base / name, sites=3, patients_per_site=patients, records_per_patient=3,
                                   seed=seed, progress=False)
-    stores = {d.name: _store("synthetic", d, base / "stores" / d.name)
+    stores = {d.name: _store("synthetic", d, base / "stores" / d.name, workers=2)
               for d in sorted(p.parent for p in (base / "consortium").glob("*/metadata.csv"))}
-    stores["pooled"] = _store("synthetic", base / "consortium", base / "pooled-store")
-    stores["reference"] = _store("synthetic", base / "reference", base / "reference-store")
+    stores["pooled"] = _store("synthetic", base / "consortium", base / "pooled-store", workers=2)
+    stores["reference"] = _store("synthetic", base / "reference", base / "reference-store", workers=2)
     return stores
 
 
@@ -291,6 +292,8 @@ def main() -> None:
                         help="train and generate in this precision (ecgtwin.compute)")
     parser.add_argument("--data", choices=["synthetic", "ptbxl"], default="synthetic",
                         help="ptbxl: three sites of ../shared/data/ptbxl by its recording site (--patients-per-site unused)")
+    parser.add_argument("--eval-patients", type=int, default=None,
+                        help="twins of only the first N held-out patients (use the same N for every row of a size)")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -307,7 +310,8 @@ def main() -> None:
               epsilon=None if args.epsilon.lower() == "none" or args.start == "public-only" else float(args.epsilon),
               start=args.start,
               vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
-              foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data)
+              foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data,
+              eval_patients=args.eval_patients)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

@@ -552,7 +552,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-steps", type=int, help="training steps of the evaluation encoder (default 400)")
     p.add_argument("--encoder-cache", type=Path, help="folder of a cached evaluation encoder (default OUT/encoder)")
     p.add_argument("--encoder-store", type=Path, help="train the encoder on this other store instead")
-    p.add_argument("--max-patients", type=int, help="at most this many twin patients")
+    p.add_argument("--max-patients", type=int, help="at most this many twin patients (a seeded draw from all held-out patients)")
     p.add_argument("--no-downstream", action="store_true", help="skip the personalised-monitor experiment")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     _device(p)

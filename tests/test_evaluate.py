@@ -320,3 +320,17 @@ def test_patient_bootstrap_interval_of_a_mean_has_the_normal_width():
     assert flat["same"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="at least 2 patients"):
         patient_bootstrap(lambda s: {}, np.zeros(5))
+
+
+def test_at_most_n_twin_patients_are_a_seeded_draw_from_all_held_out_patients(tiny):
+    """A consortium's pooled store lists its sites in turn: the first N held-out patients would all be one
+    site's. --max-patients draws N from all of them, the same N every time."""
+    from ecgtwin.config import load_config
+    from ecgtwin.data.store import SiteStore
+    from ecgtwin.evaluate.run import choose_patients
+
+    store, config = SiteStore(tiny["store"]), load_config(tiny["ckpt"] / "config.yaml")
+    _, every = choose_patients(store, config, 0.5, store, None)
+    _, some = choose_patients(store, config, 0.5, store, 3)
+    assert len(some) == 3 and set(some) <= set(every) and some != every[:3]
+    assert some == sorted(some, key=every.index) == choose_patients(store, config, 0.5, store, 3)[1]
