@@ -121,7 +121,7 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
                                                      "similarity", "identification_top1")},
             "intervals": metrics.get("intervals", {}),
             "real": {k: metrics.get(k) for k in ("clip_score_real", "hr_mae_real", "condition_accuracy_real",
-                                                  "identification_chance_top1")},
+                                                  "identification_chance_top1", "identification_real_top1")},
             "train_wall_s": round(trained - started, 1), "train_cpu_s": round(cpu1 - cpu0, 1),
             "eval_wall_s": round(time.perf_counter() - trained, 1),
             "eval_cpu_s": round(meter.seconds() - cpu1, 1), "cpu_measured_by": "process tree (bench.cpu_meter)"}

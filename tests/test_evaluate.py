@@ -88,6 +88,11 @@ def test_similarity_silhouette_identification_with_known_answers():
     assert ident["identification_chance_top1"] == pytest.approx(1 / 20)
     shuffled_ident = M.identification(twins, shuffled, real, real_ids)
     assert shuffled_ident["identification_top1"] < 0.2
+    # real ECGs against the other real ECGs (never themselves): a patient's four ECGs are close here
+    assert M.identification_real(real, real_ids)["identification_real_top1"] == 1.0
+    assert M.identification_real(real, shuffled)["identification_real_top1"] < 0.2
+    singles = M.identification_real(real[::4], real_ids[::4])  # nobody has a second ECG: nothing to find
+    assert singles["identification_real_top1"] is None
 
 
 def test_clip_score_and_condition_scores():

@@ -232,15 +232,38 @@ def identification(twins: np.ndarray, twin_patients: Sequence, real: np.ndarray,
     missing = set(twin_patients.tolist()) - set(gallery)
     if missing:
         raise ValueError(f"identification: no real ECG of patient(s) {sorted(missing)[:3]} in the gallery")
-    cos = _unit(twins) @ _unit(real).T
-    best = np.stack([cos[:, real_patients == p].max(axis=1) for p in gallery], axis=1)  # (n_twins, n_patients)
-    order = np.argsort(-best, axis=1, kind="stable")
-    truth = np.array([gallery.index(p) for p in twin_patients])
-    rank = np.argmax(order == truth[:, None], axis=1)  # 0 = nearest
+    rank = _identity_rank(_unit(twins) @ _unit(real).T, twin_patients, real_patients, gallery)
     out = {f"identification_top{k}": float((rank < k).mean()) for k in ks}
     out.update({f"identification_chance_top{k}": min(1.0, k / len(gallery)) for k in ks})
     out["identification_patients"] = len(gallery)
     return out
+
+
+def identification_real(real: np.ndarray, real_patients: Sequence, ks: Sequence[int] = (1,)) -> dict:
+    """The same re-identification for real ECGs, leave one out: each ECG (of a patient with another one)
+    against every other real ECG. What the evaluation encoder can do at best with real data: the ceiling
+    that a twin's identification rate is read against."""
+    real = _features(real, "real features", 2)
+    real_patients = np.asarray(real_patients)
+    _check_ids(real, real_patients, "real")
+    gallery = sorted(set(real_patients.tolist()))
+    cos = _unit(real) @ _unit(real).T
+    np.fill_diagonal(cos, -np.inf)  # never itself
+    queries = np.array([(real_patients == p).sum() >= 2 for p in real_patients])
+    if not queries.any():
+        return {f"identification_real_top{k}": None for k in ks}
+    rank = _identity_rank(cos[queries], real_patients[queries], real_patients, gallery)
+    return {f"identification_real_top{k}": float((rank < k).mean()) for k in ks}
+
+
+def _identity_rank(cos: np.ndarray, query_patients: np.ndarray, real_patients: np.ndarray,
+                   gallery: list) -> np.ndarray:
+    """Per query row, the rank (0 = nearest) of its own patient among the gallery's patients, each patient
+    scored by the cosine of its nearest real ECG."""
+    best = np.stack([cos[:, real_patients == p].max(axis=1) for p in gallery], axis=1)  # (n_queries, n_patients)
+    order = np.argsort(-best, axis=1, kind="stable")
+    truth = np.array([gallery.index(p) for p in query_patients])
+    return np.argmax(order == truth[:, None], axis=1)
 
 
 def _check_ids(x: np.ndarray, ids: np.ndarray, name: str) -> None:

@@ -238,6 +238,7 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
                             if 2 <= len(set(twins.patients)) <= len(f_twin) - 1 else None)
     ident = M.identification(f_twin, twins.patients, f_real, real_patients)
     result.update(ident)
+    result.update(M.identification_real(f_real, real_patients))
     result["sanity"] = {"twins": M.sanity(twin_set, hr_twin), "real": M.sanity(target_set, hr_real)}
     result["vae_relative_error"] = vae_relative_error(generator, target_set.signals)
     target_patients = site.records.patient_id.to_numpy()[target_rows]
