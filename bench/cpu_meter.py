@@ -2,8 +2,9 @@
 
 getrusage(RUSAGE_CHILDREN) counts only children that were waited for, and a Flower simulation's work runs in
 Ray processes that the bench never waits for (they are reparented and killed), so a row's CPU time read that
-way missed most of its training. The meter marks its own environment (every process started afterwards
-inherits the mark, Ray's included) and samples /proc twice a second: the CPU time of a marked process is the
+way missed most of its training. The meter marks its own environment, which every program started afterwards
+inherits (Ray's included); /proc shows a process's environment as it was at exec, so a child forked without
+exec is found through its parent instead. It samples /proc twice a second: the CPU time of a process is the
 most it was seen to have, so a process that ends between two samples loses at most its last half second.
 """
 
@@ -24,7 +25,7 @@ class CpuMeter:
 
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
-        self._mark = f"{MARK}={uuid.uuid4().hex}"
+        self._token = uuid.uuid4().hex
         self._seen: dict[tuple[int, int], int] = {}  # (pid, start time) -> most CPU ticks seen
         self._lock = threading.Lock()  # the sampling thread and seconds() both sample
         self._stop = threading.Event()
@@ -33,7 +34,7 @@ class CpuMeter:
 
     def __enter__(self) -> "CpuMeter":
         self._previous = os.environ.get(MARK)
-        os.environ[MARK] = self._mark.split("=", 1)[1]
+        os.environ[MARK] = self._token
         self._sample()
         self._thread.start()
         return self
@@ -57,14 +58,17 @@ class CpuMeter:
 
     def _sample(self) -> None:
         with self._lock:
-            self._sample_locked()
+            stats = {pid: found for pid in procfs.pids() if (found := procfs.stat(pid)) is not None}
+            for pid in self._ours(stats):
+                key = (pid, stats[pid].start_time)
+                self._seen[key] = max(self._seen.get(key, 0), stats[pid].cpu_ticks)
 
-    def _sample_locked(self) -> None:
-        me = os.getpid()  # its own /proc environ is the one it started with, without the mark
-        for pid in procfs.pids():
-            if pid != me and not procfs.environ_has(pid, self._mark):
-                continue
-            found = procfs.stat(pid)
-            if found is not None:
-                key = (pid, found.start_time)
-                self._seen[key] = max(self._seen.get(key, 0), found.cpu_ticks)
+    def _ours(self, stats: dict[int, procfs.Stat]) -> set[int]:
+        """This process, every process carrying the mark, and their descendants (forked without exec)."""
+        ours = {os.getpid()} | {pid for pid in stats if procfs.environ_has(pid, f"{MARK}={self._token}")}
+        changed = True
+        while changed:
+            found = {pid for pid, s in stats.items() if pid not in ours and s.ppid in ours}
+            ours |= found
+            changed = bool(found)
+        return ours & stats.keys()

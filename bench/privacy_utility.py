@@ -25,8 +25,10 @@ evaluated on held-out PTB-XL patients with an evaluation encoder trained on othe
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -62,7 +64,7 @@ class Row:
     foundation: str = str(FOUNDATION)
     precision: str = "fp32"  # the config's compute.precision: training and generation
     data: str = "synthetic"  # synthetic (the consortium at patients_per_site) | ptbxl (../shared/data/ptbxl)
-    eval_patients: int | None = None  # twins of only the first N held-out patients (the same N in every row of a size)
+    eval_patients: int | None = None  # twins of N held-out patients, a seeded draw (the same N in a size's rows)
 
     @property
     def name(self) -> str:
@@ -183,29 +185,49 @@ def _stores(base: Path, patients: int) -> dict[str, Path]:
 
 def _ptbxl_stores(base: Path, root: Path = PTBXL) -> dict[str, Path]:
     """Three sites of PTB-XL by its recording-site column: each a PTB-XL folder of its own (its rows of
-    ptbxl_database.csv, byte for byte, beside links to the shared records), prepared at 100 Hz."""
-    import csv
-
+    ptbxl_database.csv beside links to the shared records), prepared at 100 Hz. A patient recorded at two
+    sites would train at both under two budgets: refused."""
     if not (root / "ptbxl_database.csv").is_file():
         raise FileNotFoundError(f"{root}: PTB-XL is not there (the ptbxl rows need ../shared/data/ptbxl)")
+    header, rows = _ptbxl_table(root / "ptbxl_database.csv")
+    site_of = {row[header.index("ecg_id")]: _ptbxl_site(row[header.index("site")]) for row in rows}
+    sites_of_patient: dict[str, set] = {}
+    for row in rows:
+        sites_of_patient.setdefault(row[header.index("patient_id")], set()).add(site_of[row[header.index("ecg_id")]])
+    shared = sorted(p for p, sites in sites_of_patient.items() if len(sites) > 1)
+    if shared:
+        raise ValueError(f"{root}: patient(s) {shared[:3]} recorded at several sites; a split by site would count them twice")
     stores = {}
     for site, codes in PTBXL_SITES.items():
         folder = base / "sites-data" / site
         if not (folder / "ptbxl_database.csv").is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            with open(root / "ptbxl_database.csv", newline="") as source:
-                lines = source.read().splitlines(keepends=True)
-            header = next(csv.reader(lines[:1]))
-            column = header.index("site")
-            kept = [line for line, fields in zip(lines[1:], csv.reader(lines[1:]))
-                    if fields[column] and str(int(float(fields[column]))) in codes]
             for name in ("records100", "scp_statements.csv"):
                 if not (folder / name).exists():
                     (folder / name).symlink_to(root / name)
-            (folder / "ptbxl_database.csv").write_text("".join([lines[0], *kept]))
+            kept = [row for row in rows if site_of[row[header.index("ecg_id")]] in codes]
+            partial = folder / "ptbxl_database.csv.partial"
+            with open(partial, "w", newline="") as out:
+                csv.writer(out).writerows([header, *kept])
+            partial.replace(folder / "ptbxl_database.csv")  # a folder with the table is a finished one
         stores[site] = _store("ptbxl", folder, base / "stores" / site, rate=100)
     stores["pooled"] = _store("ptbxl", root, base / "pooled-store", rate=100)
     return stores
+
+
+def _ptbxl_table(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as source:
+        header, *rows = list(csv.reader(source))
+    return header, rows
+
+
+def _ptbxl_site(value: str) -> str:
+    """PTB-XL's site column ("0.0", "1.0", ...) as "0", "1", ...; "" where it is blank or not a number."""
+    try:
+        number = float(value)
+    except ValueError:
+        return ""
+    return str(int(number)) if math.isfinite(number) else ""
 
 
 def _public_only(folder: Path, foundation: Path, held_out: float) -> Path:
@@ -293,7 +315,7 @@ def main() -> None:
     parser.add_argument("--data", choices=["synthetic", "ptbxl"], default="synthetic",
                         help="ptbxl: three sites of ../shared/data/ptbxl by its recording site (--patients-per-site unused)")
     parser.add_argument("--eval-patients", type=int, default=None,
-                        help="twins of only the first N held-out patients (use the same N for every row of a size)")
+                        help="twins of N held-out patients, a seeded draw (use the same N for every row of a size)")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")

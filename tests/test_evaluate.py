@@ -332,6 +332,7 @@ def test_at_most_n_twin_patients_are_a_seeded_draw_from_all_held_out_patients(ti
     site's. --max-patients draws N from all of them, the same N every time."""
     from ecgtwin.config import load_config
     from ecgtwin.data.store import SiteStore
+    from ecgtwin.errors import UserError
     from ecgtwin.evaluate.run import choose_patients
 
     store, config = SiteStore(tiny["store"]), load_config(tiny["ckpt"] / "config.yaml")
@@ -339,3 +340,5 @@ def test_at_most_n_twin_patients_are_a_seeded_draw_from_all_held_out_patients(ti
     _, some = choose_patients(store, config, 0.5, store, 3)
     assert len(some) == 3 and set(some) <= set(every) and some != every[:3]
     assert some == sorted(some, key=every.index) == choose_patients(store, config, 0.5, store, 3)[1]
+    with pytest.raises(UserError, match="need 2 or more"):
+        choose_patients(store, config, 0.5, store, 1)

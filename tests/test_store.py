@@ -111,7 +111,9 @@ def test_reading_ahead_gives_the_batch_asked_for_whatever_was_announced(ptbxl_st
     for k, rows in enumerate(batches):
         guess = batches[k + 1:k + 5] if k % 3 else [batches[(k + 7) % 12][::-1]]  # right, then a wrong guess
         np.testing.assert_array_equal(reader.read(rows, guess), np.asarray(store.signals[rows]))
-        assert len(reader._pending) == len(guess)  # what is in flight is what was announced, no more
+        assert reader.in_flight() == len(guess)  # what is in flight is what was announced, no more
+    reader.close()
+    assert reader.in_flight() == 0
     shutil.copytree(ptbxl_store, tmp_path / "s")
     opened = ReadAhead(SiteStore(tmp_path / "s"))
     with open(tmp_path / "s" / "signals.npy", "r+b") as f:  # cut the last record short under the open store

@@ -52,6 +52,7 @@ def environ_has(pid: int, entry: str) -> bool:
 
 
 def ticks_per_second() -> int:
+    """Clock ticks per second: the unit of Stat.cpu_ticks."""
     return os.sysconf("SC_CLK_TCK")
 
 

@@ -174,11 +174,27 @@ class ReadAhead:
     costs a read, never a wrong batch. pin=True hands back pinned CPU tensors, ready for an asynchronous
     copy to a GPU."""
 
-    def __init__(self, store: "SiteStore", workers: int = 2, ahead: int = 4, pin: bool = False) -> None:
+    def __init__(self, store: SiteStore, workers: int = 2, ahead: int = 4, pin: bool = False) -> None:
         self.store, self.ahead, self.pin = store, ahead, pin
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="store-read")
         self._pending: dict[bytes, concurrent.futures.Future] = {}
-        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        # a reader that is never closed (a stage's, kept with its step function) stops with its owner
+        self._stop = weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop what is in flight and stop the reader threads."""
+        self._pending.clear()
+        self._stop()
+
+    def in_flight(self) -> int:
+        """Batches announced and not yet asked for."""
+        return len(self._pending)
 
     def read(self, rows: np.ndarray, upcoming: Iterable[np.ndarray] = ()) -> np.ndarray | torch.Tensor:
         rows = np.asarray(rows, dtype=np.int64)
@@ -195,10 +211,12 @@ class ReadAhead:
         return batch
 
     def _load(self, rows: np.ndarray) -> np.ndarray | torch.Tensor:
+        batch = self.store.read(rows)
+        if not self.pin:
+            return batch
         import torch
 
-        batch = self.store.read(rows)
-        return torch.from_numpy(batch).pin_memory() if self.pin else batch
+        return torch.from_numpy(batch).pin_memory()
 
 
 def read_rows(path: Path, offset: int, row_shape: tuple[int, ...], rows: np.ndarray) -> np.ndarray:

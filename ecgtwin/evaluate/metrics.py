@@ -241,15 +241,17 @@ def identification(twins: np.ndarray, twin_patients: Sequence, real: np.ndarray,
 
 def identification_real(real: np.ndarray, real_patients: Sequence, ks: Sequence[int] = (1,)) -> dict:
     """The same re-identification for real ECGs, leave one out: each ECG (of a patient with another one)
-    against every other real ECG. What the evaluation encoder can do at best with real data: the ceiling
-    that a twin's identification rate is read against."""
+    against every other real ECG: how well the evaluation encoder tells these patients apart from real
+    data alone, a reference level for a twin's rate (not a bound: a twin's gallery also holds the ECG it
+    was made from, a real query's never holds itself)."""
     real = _features(real, "real features", 2)
     real_patients = np.asarray(real_patients)
     _check_ids(real, real_patients, "real")
     gallery = sorted(set(real_patients.tolist()))
     cos = _unit(real) @ _unit(real).T
     np.fill_diagonal(cos, -np.inf)  # never itself
-    queries = np.array([(real_patients == p).sum() >= 2 for p in real_patients])
+    _, which, counts = np.unique(real_patients, return_inverse=True, return_counts=True)
+    queries = counts[which] >= 2
     if not queries.any():
         return {f"identification_real_top{k}": None for k in ks}
     rank = _identity_rank(cos[queries], real_patients[queries], real_patients, gallery)

@@ -85,8 +85,10 @@ def choose_patients(store: SiteStore, config, encoder_fraction: float, encoder_s
             raise UserError(f"encoder fraction must be in (0, 1), got {encoder_fraction}")
         twin, enc = split_patients(several, encoder_fraction, ENCODER_SPLIT_SEED)
         enc = sorted(set(enc) | (set(held) - set(several)), key=held.index)
+    if max_patients is not None and max_patients < 2:
+        raise UserError(f"at most {max_patients} twin patient(s): the metrics that compare patients need 2 or more")
     if max_patients is not None and len(twin) > max_patients:  # a seeded draw: a store lists its sites in turn
-        keep = np.random.default_rng(ENCODER_SPLIT_SEED).choice(len(twin), size=max(0, max_patients), replace=False)
+        keep = np.random.default_rng(ENCODER_SPLIT_SEED).choice(len(twin), size=max_patients, replace=False)
         twin = [twin[i] for i in sorted(keep)]
     if len(twin) < 2:
         raise UserError(f"{store.path}: only {len(twin)} held-out patient(s) with two or more ECGs to make twins of "

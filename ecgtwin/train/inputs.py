@@ -32,8 +32,11 @@ def encode_latents(vae: ECGVAE, store: SiteStore, rows: np.ndarray | None = None
     device = module_device(vae)  # computed once per pass, on the pass's device, and kept there
     rows = np.arange(len(store)) if rows is None else np.asarray(rows)
     chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    reader = ReadAhead(store, workers=readers, ahead=2 * readers, pin=device.type == "cuda")
-    out = [vae.encode(to_device(reader.read(chunk, chunks[k + 1:k + 1 + reader.ahead]), device))[0] for k, chunk in enumerate(chunks)]
+    out = []
+    with ReadAhead(store, workers=readers, ahead=2 * readers, pin=device.type == "cuda") as reader:
+        for k, chunk in enumerate(chunks):
+            batch = reader.read(chunk, chunks[k + 1:k + 1 + reader.ahead])
+            out.append(vae.encode(to_device(batch, device))[0])
     return torch.cat(out) * LATENT_SCALE
 
 

@@ -7,6 +7,7 @@ the new weights and a local log out. A fresh optimizer per pass, as in FedAvg.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
@@ -117,7 +118,9 @@ def _vae_stage(config, store, rows, vae, frozen, conditioner, rng) -> Stage:
     settings = config.vae
     device = module_device(vae)
     reader = ReadAhead(store, pin=device.type == "cuda")
-    draw = lambda r: rows[r.choice(len(rows), size=min(settings.batch_size, len(rows)), replace=False)]  # noqa: E731
+
+    def draw(rng: np.random.Generator) -> np.ndarray:
+        return rows[rng.choice(len(rows), size=min(settings.batch_size, len(rows)), replace=False)]
 
     def step_loss(step: int, rng: np.random.Generator, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         # the next steps' batches are read while this one trains: their rows are what this step's generator
@@ -132,9 +135,8 @@ def _vae_stage(config, store, rows, vae, frozen, conditioner, rng) -> Stage:
 
 def _peek(rng: np.random.Generator, draw: Callable[[np.random.Generator], np.ndarray], n: int) -> list[np.ndarray]:
     """The next n draws `rng` would give, without advancing it."""
-    copy = np.random.Generator(type(rng.bit_generator)())
-    copy.bit_generator.state = rng.bit_generator.state
-    return [draw(copy) for _ in range(n)]
+    ahead = copy.deepcopy(rng)
+    return [draw(ahead) for _ in range(n)]
 
 
 def _ibe_stage(config, store, rows, ibe, frozen, conditioner, rng) -> Stage:
