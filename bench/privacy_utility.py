@@ -71,6 +71,8 @@ class Row:
         eps = "nonprivate" if self.epsilon is None else f"eps{self.epsilon:g}"
         suffix = "" if self.precision == "fp32" else f"-{self.precision}"
         size = "ptbxl" if self.data == "ptbxl" else f"n{self.patients_per_site}"
+        if self.batch_patients != (PTBXL_BATCH if self.data == "ptbxl" else Row.batch_patients):
+            suffix += f"-b{self.batch_patients}"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -314,6 +316,8 @@ def main() -> None:
                         help="train and generate in this precision (ecgtwin.compute)")
     parser.add_argument("--data", choices=["synthetic", "ptbxl"], default="synthetic",
                         help="ptbxl: three sites of ../shared/data/ptbxl by its recording site (--patients-per-site unused)")
+    parser.add_argument("--batch-patients", type=int, default=None,
+                        help="expected patients per DP step (default 32; PTB-XL 8)")
     parser.add_argument("--eval-patients", type=int, default=None,
                         help="twins of N held-out patients, a seeded draw (use the same N for every row of a size)")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
@@ -326,8 +330,9 @@ def main() -> None:
     if args.plot or args.regimes:
         print(plot() if args.plot else regimes())
         return
-    sized = ({"patients_per_site": 0, "batch_patients": PTBXL_BATCH, "twins_per_patient": 4} if args.data == "ptbxl"
-             else {"patients_per_site": args.patients_per_site})
+    sized = ({"patients_per_site": 0, "batch_patients": args.batch_patients or PTBXL_BATCH, "twins_per_patient": 4}
+             if args.data == "ptbxl" else
+             {"patients_per_site": args.patients_per_site, "batch_patients": args.batch_patients or Row.batch_patients})
     row = Row(**sized,
               epsilon=None if args.epsilon.lower() == "none" or args.start == "public-only" else float(args.epsilon),
               start=args.start,

@@ -376,13 +376,15 @@ def privacy_utility(d: dict) -> str:
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:g}"
         noise = r.get("noise_on_mean_update", {}).get("twin")
         trainable = row["trainable"] + ("" if row.get("precision", "fp32") == "fp32" else f", {row['precision']}")
+        default_batch = 8 if row.get("data") == "ptbxl" else 32
+        trainable += "" if row["batch_patients"] == default_batch else f", {row['batch_patients']} a step"
         size = "PTB-XL" if row.get("data") == "ptbxl" else str(row["patients_per_site"])
         rows.append([size, eps, row["start"], row["vae"], trainable,
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
                      "n/a" if noise is None else f(noise, 4), f(r["train_wall_s"] / 60, 1),
                      # rows measured before the process-tree meter counted only the bench process, not Ray's workers
                      f(r["train_cpu_s"] / 60, 1) if "cpu_measured_by" in r else "n/a"])
-    return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train (precision if not fp32)", "FID", "HR MAE",
+    return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
                   "cond. acc.", "id. top-1", "twin noise / mean", "train wall min", "train CPU min"], rows)
 
 
