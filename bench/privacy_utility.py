@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -111,8 +112,16 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
     if row.start == "public-only":
         model = _public_only(folder, Path(row.foundation), row.held_out)
     else:
-        model = train_federated(folder, stores, scale, row.epsilon, config=_config(row, folder),
-                                foundation=Path(row.foundation) if row.start == "foundation" else None)
+        try:
+            model = train_federated(folder, stores, scale, row.epsilon, config=_config(row, folder),
+                                    foundation=Path(row.foundation) if row.start == "foundation" else None)
+        except RuntimeError as exc:  # the sites refused the plan: that is the row's result
+            if (refused := _refusal(str(exc))) is None:
+                raise
+            return {"row": dataclasses.asdict(row), "name": row.name, "rounds": rounds, "local_steps": steps,
+                    "refused": refused, "noise_on_mean_update": {}, "metrics": None, "intervals": {}, "real": {},
+                    "train_wall_s": round(time.perf_counter() - started, 1),
+                    "train_cpu_s": round(meter.seconds() - cpu0, 1), "cpu_measured_by": "process tree (bench.cpu_meter)"}
     trained, cpu1 = time.perf_counter(), meter.seconds()
     encoder = ({"encoder_fraction": PTBXL_ENCODER_FRACTION, "encoder_cache": base / "encoder-ptbxl"}
                if row.data == "ptbxl" else {"encoder_store": stores["reference"], "encoder_cache": base / "encoder-reference"})
@@ -129,6 +138,13 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
             "train_wall_s": round(trained - started, 1), "train_cpu_s": round(cpu1 - cpu0, 1),
             "eval_wall_s": round(time.perf_counter() - trained, 1),
             "eval_cpu_s": round(meter.seconds() - cpu1, 1), "cpu_measured_by": "process tree (bench.cpu_meter)"}
+
+
+def _refusal(message: str) -> str | None:
+    """What the sites said when their budget could not pay for the plan, or None for any other failure."""
+    found = re.search(r"is too small for the planned steps: (noise multiplier \{[^}]*\} > max_noise_multiplier [\d.]+)",
+                      message)
+    return found.group(1) if found else None
 
 
 def _noise_on_mean(sites: Path) -> dict:
@@ -148,13 +164,15 @@ def regimes(data: Path = DATA, out: Path = REGIMES) -> Path:
     a foundation WORKS (within 1.5x of the non-private FID and 10 points of its condition accuracy, at the
     same size), and above which it COLLAPSES (FID more than 3x the non-private one); in between it degrades.
     `ecgtwin privacy plan` reads it to tell a privacy officer what a budget buys."""
-    rows = [r for r in json.loads(data.read_text())["rows"].values() if r["row"].get("precision", "fp32") == "fp32"]
+    rows = [r for r in json.loads(data.read_text())["rows"].values() if r["row"].get("precision", "fp32") == "fp32"
+            and r["metrics"] is not None and r["row"].get("data", "synthetic") == "synthetic"]
     verdicts = []
     for r in rows:
         if r["row"]["start"] != "foundation" or r["row"]["epsilon"] is None or "twin" not in r["noise_on_mean_update"]:
             continue
         reference = [p for p in rows if p["row"]["epsilon"] is None and p["row"]["start"] == "foundation"
-                     and p["row"]["patients_per_site"] == r["row"]["patients_per_site"]]
+                     and p["row"]["patients_per_site"] == r["row"]["patients_per_site"]
+                     and p["row"]["batch_patients"] == r["row"]["batch_patients"]]
         if not reference:
             continue
         best, got = reference[0]["metrics"], r["metrics"]
@@ -275,7 +293,8 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
     """Each metric against epsilon, one line per site size and start (non-private drawn at the right)."""
     from ecgtwin.plot import new_figure
 
-    rows = [r for r in json.loads(data.read_text())["rows"].values() if r["row"].get("precision", "fp32") == "fp32"]
+    rows = [r for r in json.loads(data.read_text())["rows"].values()
+            if r["row"].get("precision", "fp32") == "fp32" and r["metrics"] is not None]
     keys = (("fid", "FID (lower is better)"), ("hr_mae", "HR MAE, bpm"), ("condition_accuracy", "condition accuracy"),
             ("identification_top1", "identification top-1"))
     fig = new_figure(figsize=(13, 3.6))

@@ -367,9 +367,11 @@ def privacy_utility(d: dict) -> str:
     order = lambda r: (r["row"].get("data", "synthetic") == "ptbxl", r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
                        r["row"]["trainable"], r["row"].get("precision", "fp32") != "fp32", -(r["row"]["epsilon"] or 1e9))
     for r in sorted(d["rows"].values(), key=order):
-        row, m, ci = r["row"], r["metrics"], r.get("intervals", {})
+        row, m, ci = r["row"], r["metrics"] or {}, r.get("intervals", {})
 
         def cell(key, digits):
+            if key not in m:  # the sites refused the plan: nothing was trained
+                return f"refused: {r['refused']}" if key == "fid" else "n/a"
             low_high = ci.get(key)
             return f(m[key], digits) + (f" ({low_high[0]:.{digits}f}-{low_high[1]:.{digits}f})" if low_high else "")
 
