@@ -383,11 +383,12 @@ def privacy_utility(d: dict) -> str:
         size = "PTB-XL" if row.get("data") == "ptbxl" else str(row["patients_per_site"])
         rows.append([size, eps, row["start"], row["vae"], trainable,
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
+                     f(r.get("real", {}).get("identification_real_top1"), 2),
                      "n/a" if noise is None else f(noise, 4), f(r["train_wall_s"] / 60, 1),
                      # rows measured before the process-tree meter counted only the bench process, not Ray's workers
                      f(r["train_cpu_s"] / 60, 1) if "cpu_measured_by" in r else "n/a"])
     return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
-                  "cond. acc.", "id. top-1", "twin noise / mean", "train wall min", "train CPU min"], rows)
+                  "cond. acc.", "id. top-1", "id. top-1 of real ECGs", "twin noise / mean", "train wall min", "train CPU min"], rows)
 
 
 REGIONS = {
