@@ -291,34 +291,40 @@ def record(result: dict, command: str, data: Path = DATA) -> Path:
 
 def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -> Path:
     """Each metric against epsilon, one line per site size and start (non-private drawn at the right)."""
+    from matplotlib import colormaps
+
     from ecgtwin.plot import new_figure
 
-    rows = [r for r in json.loads(data.read_text())["rows"].values()
-            if r["row"].get("precision", "fp32") == "fp32" and r["metrics"] is not None]
+    rows = [r for r in json.loads(data.read_text())["rows"].values()  # PTB-XL's rows: in the table only
+            if r["row"].get("precision", "fp32") == "fp32" and r["metrics"] is not None
+            and r["row"].get("data", "synthetic") == "synthetic"]
     keys = (("fid", "FID (lower is better)"), ("hr_mae", "HR MAE, bpm"), ("condition_accuracy", "condition accuracy"),
             ("identification_top1", "identification top-1"))
-    fig = new_figure(figsize=(13, 3.6))
+    fig = new_figure(figsize=(13, 4.6))
     axes = fig.subplots(1, len(keys))
     eps_values = sorted({r["row"]["epsilon"] for r in rows if r["row"]["epsilon"] is not None})
     x_private = max(eps_values, default=8.0) * 1.6  # where "no DP" sits on the axis
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        size = "PTB-XL" if r["row"].get("data") == "ptbxl" else f"{r['row']['patients_per_site']}/site"
-        key = f"{size}, {r['row']['start']}, VAE {r['row']['vae']}, {r['row']['trainable']}"
+        key = (f"{r['row']['patients_per_site']}/site, {r['row']['start']}, VAE {r['row']['vae']}, "
+               f"{r['row']['trainable']}")
         groups.setdefault(key, []).append(r)
     for ax, (metric, title) in zip(axes, keys):
-        for label, members in sorted(groups.items(), key=lambda g: (g[1][0]["row"]["patients_per_site"], g[0])):
+        ordered = sorted(groups.items(), key=lambda g: (g[1][0]["row"]["patients_per_site"], g[0]))
+        for i, (label, members) in enumerate(ordered):
             points = sorted((x_private if m["row"]["epsilon"] is None else m["row"]["epsilon"], m["metrics"][metric])
                             for m in members if m["metrics"].get(metric) is not None)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=label)
+            if points:  # one colour a group (the default cycle repeats after ten)
+                ax.plot(*zip(*points), marker="o", label=label, color=colormaps["tab20"](i % 20))
         ax.set_xscale("log")
+        if metric == "fid":  # the from-scratch row is an order of magnitude above the rest
+            ax.set_yscale("log")
         ax.set_xticks([*eps_values, x_private], [*(f"{e:g}" for e in eps_values), "no DP"])
         ax.set_xlabel("epsilon per site")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))  # the legend below the panels, where it hides no point
     fig.savefig(png, dpi=110)
     return png
 

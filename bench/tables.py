@@ -381,7 +381,8 @@ def privacy_utility(d: dict) -> str:
         default_batch = 8 if row.get("data") == "ptbxl" else 32
         trainable += "" if row["batch_patients"] == default_batch else f", {row['batch_patients']} a step"
         size = "PTB-XL" if row.get("data") == "ptbxl" else str(row["patients_per_site"])
-        rows.append([size, eps, row["start"], row["vae"], trainable,
+        vae = "trained" if row["vae"] == "dp" and row["epsilon"] is None else row["vae"]  # no DP, no noise
+        rows.append([size, eps, row["start"], vae, trainable,
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
                      f(r.get("real", {}).get("identification_real_top1"), 2),
                      "n/a" if noise is None else f(noise, 4), f(r["train_wall_s"] / 60, 1),
