@@ -50,6 +50,7 @@ PTBXL_SITES = {"site_a": ("0",), "site_b": ("1",), "site_c": ("2", "3")}  # PTB-
 # twins (the held-out patients with one ECG and a fifth of the others train the evaluation encoder)
 PTBXL_HELD_OUT, PTBXL_ENCODER_FRACTION, PTBXL_BATCH = 0.5, 0.2, 8
 GUIDANCE_PERSON = 2.0  # as the demo generates (every row alike)
+GUIDANCE_CONDITION = 2.0  # the evaluation's condition guidance unless a row says otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +67,16 @@ class Row:
     precision: str = "fp32"  # the config's compute.precision: training and generation
     data: str = "synthetic"  # synthetic (the consortium at patients_per_site) | ptbxl (../shared/data/ptbxl)
     eval_patients: int | None = None  # twins of N held-out patients, a seeded draw (the same N in a size's rows)
+    guidance: float = GUIDANCE_CONDITION  # condition guidance of the evaluation's twins (generation only)
 
     @property
     def name(self) -> str:
+        """The row: its model's name, and the guidance its twins were generated with where not the default."""
+        return self.model_name + ("" if self.guidance == GUIDANCE_CONDITION else f"-g{self.guidance:g}")
+
+    @property
+    def model_name(self) -> str:
+        """The trained model's folder: rows that differ only in guidance share one model."""
         eps = "nonprivate" if self.epsilon is None else f"eps{self.epsilon:g}"
         suffix = "" if self.precision == "fp32" else f"-{self.precision}"
         size = "ptbxl" if self.data == "ptbxl" else f"n{self.patients_per_site}"
@@ -107,8 +115,9 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
     scale = Scale(patients_per_site=row.patients_per_site, rounds=rounds, local_steps=steps,
                   batch_patients=row.batch_patients, budget_fractions=fractions, held_out_fraction=row.held_out,
                   twins_per_patient=row.twins_per_patient)
-    folder = base / row.name
+    folder = base / row.model_name
     folder.mkdir(parents=True, exist_ok=True)
+    reused = (folder / "federation" / "model" / "twin.safetensors").is_file()  # trained by a row of another guidance
     if row.start == "public-only":
         model = _public_only(folder, Path(row.foundation), row.held_out)
     else:
@@ -125,8 +134,9 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
     trained, cpu1 = time.perf_counter(), meter.seconds()
     encoder = ({"encoder_fraction": PTBXL_ENCODER_FRACTION, "encoder_cache": base / "encoder-ptbxl"}
                if row.data == "ptbxl" else {"encoder_store": stores["reference"], "encoder_cache": base / "encoder-reference"})
-    metrics = run_evaluation(model, store=stores["pooled"], out=folder / "eval", twins_per_patient=row.twins_per_patient,
-                             guidance=2.0, precision=row.precision, encoder_steps=scale.encoder_steps,
+    evaluation = folder / ("eval" if row.guidance == GUIDANCE_CONDITION else f"eval-g{row.guidance:g}")
+    metrics = run_evaluation(model, store=stores["pooled"], out=evaluation, twins_per_patient=row.twins_per_patient,
+                             guidance=row.guidance, precision=row.precision, encoder_steps=scale.encoder_steps,
                              max_patients=row.eval_patients, downstream=False, progress=False, **encoder)
     return {"row": dataclasses.asdict(row), "name": row.name, "rounds": rounds, "local_steps": steps,
             "noise_on_mean_update": _noise_on_mean(folder / "sites"),
@@ -135,7 +145,8 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
             "intervals": metrics.get("intervals", {}),
             "real": {k: metrics.get(k) for k in ("clip_score_real", "hr_mae_real", "condition_accuracy_real",
                                                   "identification_chance_top1", "identification_real_top1")},
-            "train_wall_s": round(trained - started, 1), "train_cpu_s": round(cpu1 - cpu0, 1),
+            **({"train_wall_s": None, "train_cpu_s": None, "model_from": row.model_name} if reused else
+               {"train_wall_s": round(trained - started, 1), "train_cpu_s": round(cpu1 - cpu0, 1)}),
             "eval_wall_s": round(time.perf_counter() - trained, 1),
             "eval_cpu_s": round(meter.seconds() - cpu1, 1), "cpu_measured_by": "process tree (bench.cpu_meter)"}
 
@@ -165,14 +176,15 @@ def regimes(data: Path = DATA, out: Path = REGIMES) -> Path:
     same size), and above which it COLLAPSES (FID more than 3x the non-private one); in between it degrades.
     `ecgtwin privacy plan` reads it to tell a privacy officer what a budget buys."""
     rows = [r for r in json.loads(data.read_text())["rows"].values() if r["row"].get("precision", "fp32") == "fp32"
-            and r["metrics"] is not None and r["row"].get("data", "synthetic") == "synthetic"]
+            and r["metrics"] is not None and r["row"].get("data", "synthetic") == "synthetic"
+            and r["row"].get("guidance", GUIDANCE_CONDITION) == GUIDANCE_CONDITION]
     verdicts = []
     for r in rows:
         if r["row"]["start"] != "foundation" or r["row"]["epsilon"] is None or "twin" not in r["noise_on_mean_update"]:
             continue
+        # a non-private site trains with the config's batch whatever --batch-patients says: any size's match
         reference = [p for p in rows if p["row"]["epsilon"] is None and p["row"]["start"] == "foundation"
-                     and p["row"]["patients_per_site"] == r["row"]["patients_per_site"]
-                     and p["row"]["batch_patients"] == r["row"]["batch_patients"]]
+                     and p["row"]["patients_per_site"] == r["row"]["patients_per_site"]]
         if not reference:
             continue
         best, got = reference[0]["metrics"], r["metrics"]
@@ -297,7 +309,8 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
 
     rows = [r for r in json.loads(data.read_text())["rows"].values()  # PTB-XL's rows: in the table only
             if r["row"].get("precision", "fp32") == "fp32" and r["metrics"] is not None
-            and r["row"].get("data", "synthetic") == "synthetic"]
+            and r["row"].get("data", "synthetic") == "synthetic"
+            and r["row"].get("guidance", GUIDANCE_CONDITION) == GUIDANCE_CONDITION]  # other guidance: table only
     keys = (("fid", "FID (lower is better)"), ("hr_mae", "HR MAE, bpm"), ("condition_accuracy", "condition accuracy"),
             ("identification_top1", "identification top-1"))
     fig = new_figure(figsize=(13, 4.6))
@@ -307,7 +320,8 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
     groups: dict[str, list[dict]] = {}
     for r in rows:
         key = (f"{r['row']['patients_per_site']}/site, {r['row']['start']}, VAE {r['row']['vae']}, "
-               f"{r['row']['trainable']}")
+               f"{r['row']['trainable']}" + ("" if r["row"]["batch_patients"] == Row.batch_patients
+                                             else f", {r['row']['batch_patients']} a step"))
         groups.setdefault(key, []).append(r)
     for ax, (metric, title) in zip(axes, keys):
         ordered = sorted(groups.items(), key=lambda g: (g[1][0]["row"]["patients_per_site"], g[0]))
@@ -345,6 +359,8 @@ def main() -> None:
                         help="expected patients per DP step (default 32; PTB-XL 8)")
     parser.add_argument("--eval-patients", type=int, default=None,
                         help="twins of N held-out patients, a seeded draw (use the same N for every row of a size)")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE_CONDITION,
+                        help="condition guidance of the evaluation's twins (default 2); reuses the row's model if trained")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -355,6 +371,9 @@ def main() -> None:
     if args.plot or args.regimes:
         print(plot() if args.plot else regimes())
         return
+    if args.batch_patients is not None and (args.epsilon.lower() == "none" or args.start == "public-only"):
+        parser.error("--batch-patients sets the expected patients of a DP step; a non-private row trains with "
+                     "the config's batch size whatever it says")
     sized = ({"patients_per_site": 0, "batch_patients": args.batch_patients or PTBXL_BATCH, "twins_per_patient": 4}
              if args.data == "ptbxl" else
              {"patients_per_site": args.patients_per_site, "batch_patients": args.batch_patients or Row.batch_patients})
@@ -363,7 +382,7 @@ def main() -> None:
               start=args.start,
               vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
               foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data,
-              eval_patients=args.eval_patients)
+              eval_patients=args.eval_patients, guidance=args.guidance)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

@@ -350,6 +350,22 @@ def bench_device_generation(d: dict) -> str:
 
 # docs/privacy.md ----------------------------------------------------------------------------------------
 
+def bench_hr_follow(d: dict) -> str:
+    rates = [f"{hr:g}" for hr in d["requested_hr"]]
+    rows = [[r["checkpoint"], r["patients"], f(r["guidance"], 0), r["mode"], f(r["follows_request"], 2),
+             f(r["keeps_reference"], 2), f(r["hr_mae_bpm"], 1), f(r["hr_mae_keep_reference_bpm"], 1),
+             " / ".join(f(r["median_measured_by_requested"].get(k), 0) for k in rates), f(r["measured_share"], 2)]
+            for r in d["rows"]]
+    follow = table(["checkpoint", "references", "guidance", "request", "follows request", "keeps reference",
+                    "HR MAE", "keep-reference MAE", f"median measured at {' / '.join(rates)} bpm", "measured share"],
+                   rows)
+    diagnostics = table(["checkpoint", "VAE round-trip HR error, bpm", "base vector -> reference HR, R^2",
+                         "probe references"],
+                        [[name, f(x["vae_round_trip_hr_mae_bpm"], 1), f(x["base_vector_hr_r2"], 2),
+                          str(x["probe_references"])] for name, x in d["diagnostics"].items()])
+    return follow + "\n\n" + diagnostics
+
+
 def privacy_canary(d: dict) -> str:
     """The canary audit's runs: `ecgtwin privacy audit --method canary --json` as committed."""
     rows = []
@@ -360,12 +376,27 @@ def privacy_canary(d: dict) -> str:
     return table(["run", "epsilon claimed", "guesses right", f"epsilon lower bound ({d['confidence']:.0%})"], rows)
 
 
+def twin_parameters(trainable: str) -> int:
+    """The twin stage's trainable parameters in the privacy-utility rows' model (configs/demo.yaml)."""
+    from ecgtwin.config import load_config
+    from ecgtwin.weights import parameter_count
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.twin.trainable = trainable
+    return parameter_count("twin", config)
+
+
+def minutes(seconds: float | None) -> str:
+    return f(None if seconds is None else seconds / 60, 1)
+
+
 def privacy_utility(d: dict) -> str:
     """The privacy-utility rows: `python -m bench.privacy_utility ... --record` as committed."""
     rows = []
     starts = {"public-only": 0, "foundation": 1, "scratch": 2}
     order = lambda r: (r["row"].get("data", "synthetic") == "ptbxl", r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
-                       r["row"]["trainable"], r["row"].get("precision", "fp32") != "fp32", -(r["row"]["epsilon"] or 1e9))
+                       r["row"]["trainable"], r["row"].get("precision", "fp32") != "fp32", r["row"]["batch_patients"],
+                       r["row"].get("guidance", 2.0), -(r["row"]["epsilon"] or 1e9))
     for r in sorted(d["rows"].values(), key=order):
         row, m, ci = r["row"], r["metrics"] or {}, r.get("intervals", {})
 
@@ -380,16 +411,20 @@ def privacy_utility(d: dict) -> str:
         trainable = row["trainable"] + ("" if row.get("precision", "fp32") == "fp32" else f", {row['precision']}")
         default_batch = 8 if row.get("data") == "ptbxl" else 32
         trainable += "" if row["batch_patients"] == default_batch else f", {row['batch_patients']} a step"
+        trainable += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
         size = "PTB-XL" if row.get("data") == "ptbxl" else str(row["patients_per_site"])
         vae = "trained" if row["vae"] == "dp" and row["epsilon"] is None else row["vae"]  # no DP, no noise
         rows.append([size, eps, row["start"], vae, trainable,
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
                      f(r.get("real", {}).get("identification_real_top1"), 2),
-                     "n/a" if noise is None else f(noise, 4), f(r["train_wall_s"] / 60, 1),
+                     "n/a" if noise is None else f(noise, 4),
+                     "n/a" if noise is None else f(noise * twin_parameters(row["trainable"]) ** 0.5, 1),
+                     minutes(r["train_wall_s"]),
                      # rows measured before the process-tree meter counted only the bench process, not Ray's workers
-                     f(r["train_cpu_s"] / 60, 1) if "cpu_measured_by" in r else "n/a"])
+                     minutes(r["train_cpu_s"]) if "cpu_measured_by" in r else "n/a"])
     return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
-                  "cond. acc.", "id. top-1", "id. top-1 of real ECGs", "twin noise / mean", "train wall min", "train CPU min"], rows)
+                  "cond. acc.", "id. top-1", "id. top-1 of real ECGs", "twin noise / mean",
+                  "twin noise norm / C", "train wall min", "train CPU min"], rows)
 
 
 REGIONS = {
@@ -414,6 +449,7 @@ REGIONS = {
     "bench-scale-train": ("benchmarks.md", "benchmarks/scale", bench_scale_train),
     "bench-device-cpu-training": ("benchmarks.md", "benchmarks/device-cpu", bench_device_training),
     "bench-device-cpu-generation": ("benchmarks.md", "benchmarks/device-cpu", bench_device_generation),
+    "bench-hr-follow": ("benchmarks.md", "benchmarks/hr_follow", bench_hr_follow),
     "privacy-canary": ("privacy.md", "audits/canary", privacy_canary),
     "privacy-utility": ("privacy.md", "privacy_utility", privacy_utility),
 }

@@ -379,11 +379,12 @@ def _run_privacy_plan(args: argparse.Namespace) -> dict:
         print(f"privacy unit: {report['unit']}; sampling over the declared population of {report['population']} "
               f"(training patients in the store: {report['patients']})")
         print(f"{'stage':>5} {'rounds':>6} {'steps':>6} {'q':>7} {'sigma':>7} {'eps alone':>9} {'eps after':>9} "
-              f"{'params':>10} {'noise/mean':>10}  regime (measured)")
+              f"{'params':>10} {'noise/mean':>10} {'|noise|/C':>9}  regime (measured)")
         for s in report.pop("stages"):
             print(f"{s['stage']:>5} {s['rounds']:>6} {s['local_steps']:>6} {s['sample_rate']:>7.4f} "
                   f"{s['noise_multiplier']:>7.3f} {s['epsilon_alone']:>9.3f} {s['epsilon_after']:>9.3f} "
-                  f"{s['parameters']:>10,} {s['noise_on_mean_update']:>10.4f}  {s['regime']}")
+                  f"{s['parameters']:>10,} {s['noise_on_mean_update']:>10.4f} {s['noise_norm_over_clip']:>9.2f}  "
+                  f"{s['regime']}")
     return report
 
 

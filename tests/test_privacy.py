@@ -217,6 +217,8 @@ def test_cli_privacy_plan(store, tmp_path, capsys):
         assert stage["noise_on_mean_update"] == pytest.approx(
             stage["noise_multiplier"] * 1.0 / (stage["sample_rate"] * 12))
         assert stage["parameters"] == parameter_count(stage["stage"], ExperimentConfig()) > 0
+        assert stage["noise_norm_over_clip"] == pytest.approx(  # the noise's norm in units of the clip norm
+            stage["noise_on_mean_update"] * stage["parameters"] ** 0.5)
     path.write_text("epsilon: 4\ndelta: 0.5\npopulation: 12\n")
     assert main(["privacy", "plan", "--policy", str(path), "--store", str(store)]) == 1
     assert "delta 0.5 must be <= 0.1/patients" in capsys.readouterr().err

@@ -49,11 +49,14 @@ def plan_report(policy_path: str | Path, store_path: str | Path, config: Experim
 
 def _with_noise_scale(stage: dict, policy, population: int, config: ExperimentConfig | None) -> dict:
     """What a stage's budget buys: its trainable parameters, and the noise on the MEAN update per step,
-    sigma * C / expected batch (the figure that decides whether DP training works at all)."""
+    sigma * C / expected batch (the figure that decides whether DP training works at all), per coordinate
+    and as a norm over all trainable parameters in units of C, the largest norm the mean of the clipped
+    gradients can have: above 1, every step's update is mostly noise."""
     expected_batch = stage["sample_rate"] * population
     noise = stage["noise_multiplier"] * policy.max_grad_norm / expected_batch
-    return {**stage, "parameters": parameter_count(stage["stage"], config or ExperimentConfig()),
-            "expected_batch": expected_batch, "noise_on_mean_update": noise,
+    parameters = parameter_count(stage["stage"], config or ExperimentConfig())
+    return {**stage, "parameters": parameters, "expected_batch": expected_batch, "noise_on_mean_update": noise,
+            "noise_norm_over_clip": noise * parameters ** 0.5 / policy.max_grad_norm,
             "regime": regime(stage["stage"], noise)}
 
 

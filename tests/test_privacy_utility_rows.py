@@ -1,0 +1,35 @@
+"""bench.privacy_utility's row bookkeeping: which rows share a model, and which rows the regimes compare."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is not installed
+from bench.privacy_utility import Row, regimes  # noqa: E402
+
+
+def test_rows_that_differ_only_in_guidance_share_one_model():
+    default, strong = Row(patients_per_site=2000), Row(patients_per_site=2000, guidance=4.0)
+    assert strong.name == default.name + "-g4" and strong.model_name == default.name
+    assert Row(patients_per_site=2000, batch_patients=128).model_name == default.name + "-b128"
+
+
+def entry(row: Row, fid: float, accuracy: float, noise: float | None) -> dict:
+    import dataclasses
+
+    return {"name": row.name, "row": dataclasses.asdict(row), "metrics": {"fid": fid, "condition_accuracy": accuracy},
+            "noise_on_mean_update": {} if noise is None else {"twin": noise}}
+
+
+def test_regimes_judge_a_dp_row_against_the_non_private_row_of_its_size_at_the_default_guidance(tmp_path):
+    rows = [entry(Row(patients_per_site=2000, epsilon=None), 40.0, 0.66, None),
+            entry(Row(patients_per_site=2000, epsilon=8.0, batch_patients=128), 50.0, 0.60, 0.008),  # works
+            entry(Row(patients_per_site=2000, epsilon=8.0, guidance=4.0), 500.0, 0.1, 0.9),  # ignored: guidance
+            entry(Row(patients_per_site=50, epsilon=3.0), 130.0, 0.2, 0.5)]  # no non-private row at 50: skipped
+    data = tmp_path / "pu.json"
+    data.write_text(json.dumps({"rows": {r["name"]: r for r in rows}}))
+    table = json.loads(regimes(data, tmp_path / "regimes.json").read_text())
+    assert [(r["row"], r["verdict"]) for r in table["rows"]] == [("n2000-eps8-foundation-vaefrozen-all-b128", "works")]
+    assert table["works_up_to"] == 0.008 and table["collapses_from"] is None
