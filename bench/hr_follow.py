@@ -18,12 +18,14 @@ Two diagnostics per checkpoint, on --probe-patients references: the HR error of 
 and whether the IBE's base vector (the person, its condition removed) still predicts the reference's rate
 (cross-validated R^2 of a ridge regression; near 0 = the rate is left to the condition, as ECGTwin intends).
 
---record writes bench/data/benchmarks/hr_follow.json; `python -m bench.tables` renders docs/benchmarks.md.
+--record writes bench/data/benchmarks/hr_follow.json; `python -m bench.tables` renders docs/benchmarks.md and
+`python -m bench.hr_follow --plot` draws docs/hr_follow.png from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -40,6 +42,8 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.models import LATENT_SCALE
 from ecgtwin.twin import Condition, Reference, TwinGenerator, reference_from_store
 
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "bench" / "data" / "benchmarks" / "hr_follow.json"
 REQUESTED_HR = (45.0, 60.0, 75.0, 90.0, 110.0, 130.0)
 MODES = ("rate-only", "statement")
 
@@ -149,6 +153,31 @@ def run(checkpoints: dict[str, Path], stores: list[Path], patients: int, sides: 
             "sampler": "the checkpoint config's", "diagnostics": diagnostics, "rows": rows}
 
 
+def plot(data: Path = DATA, png: Path = ROOT / "docs" / "hr_follow.png") -> Path:
+    """Median measured against requested rate, one panel per checkpoint, one line per guidance (statement
+    requests, held-out references), with the identity line a perfect twin would follow."""
+    from ecgtwin.plot import new_figure
+
+    result = json.loads(data.read_text())
+    rows = [r for r in result["rows"] if r["mode"] == "statement" and r.get("patients", "held-out") == "held-out"]
+    names = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    fig = new_figure(figsize=(4 * len(names), 4))
+    axes = np.atleast_1d(fig.subplots(1, len(names), sharey=True))
+    rates = np.array(result["requested_hr"])
+    for ax, name in zip(axes, names):
+        ax.plot(rates, rates, color="0.6", ls="--", lw=1, label="requested")
+        for r in (r for r in rows if r["checkpoint"] == name):
+            measured = [r["median_measured_by_requested"].get(f"{hr:g}", np.nan) for hr in rates]
+            ax.plot(rates, measured, marker="o", label=f"guidance {r['guidance']:g}")
+        ax.set(title=name, xlabel="requested HR, bpm")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("median measured HR of the twins, bpm")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return png
+
+
 def _named(text: str) -> tuple[str, Path]:
     name, sep, path = text.partition("=")
     if not sep or not name:
@@ -159,8 +188,8 @@ def _named(text: str) -> tuple[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hr_follow", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=_named, action="append", required=True, help="NAME=PATH, repeatable")
-    parser.add_argument("--store", type=Path, action="append", required=True, help="site store(s) of the references")
+    parser.add_argument("--checkpoint", type=_named, action="append", help="NAME=PATH, repeatable")
+    parser.add_argument("--store", type=Path, action="append", help="site store(s) of the references")
     parser.add_argument("--patients", type=int, default=24, help="references (default 24)")
     parser.add_argument("--which", choices=["held-out", "training"], action="append",
                         help="which side of the last checkpoint's patient split the references come from "
@@ -172,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="references for the VAE round trip and the base-vector probe (default 300)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", action="store_true", help="write bench/data/benchmarks/hr_follow.json")
+    parser.add_argument("--plot", action="store_true", help="only draw docs/hr_follow.png from the committed JSON")
     args = parser.parse_args(argv)
+    if args.plot:
+        print(plot())
+        return 0
+    if not args.checkpoint or not args.store:
+        parser.error("--checkpoint and --store are required (unless --plot)")
     result = {"machine": {"machine": platform.machine(), "python": platform.python_version()},
               **run(dict(args.checkpoint), args.store, args.patients, args.which or ["held-out"], args.guidance or [1.0, 2.0, 4.0],
                     args.twins, REQUESTED_HR, args.batch_size, args.seed, args.probe_patients)}

@@ -6,7 +6,7 @@
     python -m bench.privacy_utility ... --trainable lora      # or condition; the IBE and twin stages
     python -m bench.privacy_utility ... --vae dp              # fine-tune the VAE with DP too (default: frozen)
     python -m bench.privacy_utility ... --precision bf16      # train and generate under bf16 autocast
-    python -m bench.privacy_utility --plot                    # docs/privacy_utility.png from the committed JSON
+    python -m bench.privacy_utility --plot                    # docs/privacy_utility*.png from the committed JSON
     python -m bench.privacy_utility --regimes                 # ecgtwin/privacy/regimes.json (privacy plan reads it)
 
 A row: the synthetic consortium (3 non-IID sites, seed 0) at the given size, federated in Flower's simulation
@@ -33,6 +33,8 @@ import re
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from bench.cpu_meter import CpuMeter
 from bench.results import REFERENCE_SEED, _store, train_federated
@@ -343,6 +345,43 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
     return png
 
 
+def guidance_models(rows: list[dict]) -> dict[str, list[dict]]:
+    """Model name -> its rows, for the models evaluated at more than one condition guidance."""
+    models: dict[str, list[dict]] = {}
+    for r in rows:
+        models.setdefault(Row(**{k: v for k, v in r["row"].items() if k != "guidance"}).model_name, []).append(r)
+    return {name: members for name, members in models.items() if len(members) > 1}
+
+
+def plot_guidance(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility_guidance.png") -> Path:
+    """FID, HR MAE and condition accuracy against the condition guidance, for every size and row whose
+    model was evaluated at more than one guidance (the same trained model, generated differently)."""
+    from ecgtwin.plot import new_figure
+
+    rows = [r for r in json.loads(data.read_text())["rows"].values() if r["metrics"] is not None
+            and r["row"].get("precision", "fp32") == "fp32" and r["row"].get("data", "synthetic") == "synthetic"]
+    models = guidance_models(rows)
+    keys = (("fid", "FID (lower is better)"), ("hr_mae", "HR MAE, bpm"), ("condition_accuracy", "condition accuracy"))
+    fig = new_figure(figsize=(12, 4))
+    axes = fig.subplots(1, len(keys))
+    for ax, (metric, title) in zip(axes, keys):
+        for _, members in sorted(models.items()):
+            points = sorted((m["row"].get("guidance", GUIDANCE_CONDITION), m["metrics"][metric],
+                             *m["intervals"].get(metric, (m["metrics"][metric],) * 2)) for m in members)
+            g, value, low, high = (np.array(x) for x in zip(*points))
+            row = members[0]["row"]
+            label = (f"{row['patients_per_site']}/site, {row['start']}, "
+                     + ("no DP" if row["epsilon"] is None else f"epsilon {row['epsilon']:g}"))
+            ax.errorbar(g, value, yerr=[value - low, high - value], marker="o", capsize=3, label=label)
+        ax.set_xlabel("condition guidance")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(png, dpi=110)
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.privacy_utility", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,12 +403,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
-    parser.add_argument("--plot", action="store_true", help="only draw docs/privacy_utility.png from the JSON")
+    parser.add_argument("--plot", action="store_true", help="only draw docs/privacy_utility.png and "
+                        "docs/privacy_utility_guidance.png from the JSON")
     parser.add_argument("--regimes", action="store_true",
                         help="only write ecgtwin/privacy/regimes.json (what privacy plan says) from the JSON")
     args = parser.parse_args()
     if args.plot or args.regimes:
-        print(plot() if args.plot else regimes())
+        print(plot(), plot_guidance(), sep="\n") if args.plot else print(regimes())
         return
     if args.batch_patients is not None and (args.epsilon.lower() == "none" or args.start == "public-only"):
         parser.error("--batch-patients sets the expected patients of a DP step; a non-private row trains with "

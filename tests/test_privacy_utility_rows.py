@@ -33,3 +33,18 @@ def test_regimes_judge_a_dp_row_against_the_non_private_row_of_its_size_at_the_d
     table = json.loads(regimes(data, tmp_path / "regimes.json").read_text())
     assert [(r["row"], r["verdict"]) for r in table["rows"]] == [("n2000-eps8-foundation-vaefrozen-all-b128", "works")]
     assert table["works_up_to"] == 0.008 and table["collapses_from"] is None
+
+
+def test_the_guidance_figure_draws_each_model_evaluated_at_several_guidances(tmp_path):
+    rows = [entry(Row(patients_per_site=2000, epsilon=None, guidance=g), 40.0 + g, 0.5 + g / 20, None)
+            for g in (1.0, 2.0, 4.0)] + [entry(Row(patients_per_site=50, epsilon=None), 30.0, 0.6, None)]
+    for r in rows:
+        r["metrics"]["hr_mae"], r["intervals"] = 7.0, {}
+    data = tmp_path / "pu.json"
+    data.write_text(json.dumps({"rows": {r["name"]: r for r in rows}}))
+    from bench.privacy_utility import guidance_models, plot_guidance
+
+    models = guidance_models(rows)
+    assert list(models) == ["n2000-nonprivate-foundation-vaefrozen-all"] and len(models[list(models)[0]]) == 3
+    png = plot_guidance(data, tmp_path / "guidance.png")
+    assert png.stat().st_size > 10_000
