@@ -84,6 +84,8 @@ class Row:
         size = "ptbxl" if self.data == "ptbxl" else f"n{self.patients_per_site}"
         if self.batch_patients != (PTBXL_BATCH if self.data == "ptbxl" else Row.batch_patients):
             suffix += f"-b{self.batch_patients}"
+        if self.finetune_lr != Row.finetune_lr:
+            suffix += f"-lr{self.finetune_lr:g}"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -398,6 +400,8 @@ def main() -> None:
                         help="expected patients per DP step (default 32; PTB-XL 8)")
     parser.add_argument("--eval-patients", type=int, default=None,
                         help="twins of N held-out patients, a seeded draw (use the same N for every row of a size)")
+    parser.add_argument("--finetune-lr", type=float, default=Row.finetune_lr,
+                        help=f"learning rate of the fine-tuned stages (default {Row.finetune_lr:g})")
     parser.add_argument("--guidance", type=float, default=GUIDANCE_CONDITION,
                         help="condition guidance of the evaluation's twins (default 2); reuses the row's model if trained")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
@@ -422,7 +426,7 @@ def main() -> None:
               start=args.start,
               vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
               foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data,
-              eval_patients=args.eval_patients, guidance=args.guidance)
+              eval_patients=args.eval_patients, guidance=args.guidance, finetune_lr=args.finetune_lr)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

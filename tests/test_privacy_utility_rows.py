@@ -14,6 +14,8 @@ def test_rows_that_differ_only_in_guidance_share_one_model():
     default, strong = Row(patients_per_site=2000), Row(patients_per_site=2000, guidance=4.0)
     assert strong.name == default.name + "-g4" and strong.model_name == default.name
     assert Row(patients_per_site=2000, batch_patients=128).model_name == default.name + "-b128"
+    assert Row(patients_per_site=2000, trainable="lora", finetune_lr=2e-3).name == \
+        "n2000-eps8-foundation-vaefrozen-lora-lr0.002"
 
 
 def entry(row: Row, fid: float, accuracy: float, noise: float | None) -> dict:
