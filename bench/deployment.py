@@ -1,5 +1,5 @@
 """Round overhead of a real deployment on loopback: a TLS SuperLink with SuperNode authentication and 3 or
-10 SuperNodes (ecgtwin.coordinator.loopback), warm ClientApp workers against Flower's one `flwr-clientapp`
+10 SuperNodes (ecgtwin.coordinator.loopback), warm ClientApp workers against a fresh
 process per message.
 
     python -m bench.deployment --sites 3 10 --out bench-results/deployment.json [--record]
@@ -73,7 +73,7 @@ def measure(n: int, warm: bool) -> dict:
             history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     rounds = _rounds(history)
     later = rounds[1:]
-    return {"sites": n, "mode": "warm worker" if warm else "flwr-clientapp per message",
+    return {"sites": n, "mode": "warm worker" if warm else "fresh process per message",
             "start_and_connect_s": round(connect_s, 1), "first_round": rounds[0],
             "later_rounds": later,
             "later_round_s_median": sorted(r["round_s"] for r in later)[len(later) // 2],

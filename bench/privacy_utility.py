@@ -164,11 +164,11 @@ def _refusal(message: str) -> str | None:
 
 def _noise_on_mean(sites: Path) -> dict:
     """Per stage, sigma * C / expected batch of the DP passes the sites' ledgers recorded (mean over sites)."""
-    from ecgtwin.privacy import Ledger
+    from ecgtwin.site_folder import POLICY_FILE, SiteFolder
 
     noise: dict[str, list[float]] = {}
-    for ledger in sorted(sites.glob("*/state/ledger.jsonl")):
-        for e in Ledger(ledger).entries():
+    for policy in sorted(sites.glob(f"*/{POLICY_FILE}")):
+        for e in SiteFolder.at(policy.parent).ledger().entries():
             noise.setdefault(e["stage"], []).append(
                 e["noise_multiplier"] * e["max_grad_norm"] / (e["sample_rate"] * e["population"]))
     return {stage: round(sum(v) / len(v), 5) for stage, v in noise.items()}

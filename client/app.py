@@ -27,26 +27,32 @@ def make_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site = _site(context, defaults)
-        stage, server_round, run_id, config_yaml, experiment, weights = _read(msg)
-        mu = float(msg.content["config"].get("proximal-mu", 0.0))  # FedProx; 0 for the other strategies
-        try:
+        site = None
+        try:  # everything, opening the site and reading the message too: no exception text leaves the site
+            site = _site(context, defaults)
+            stage, server_round, run_id, config_yaml, experiment, weights = _read(msg)
+            mu = float(msg.content["config"].get("proximal-mu", 0.0))  # FedProx; 0 for the other strategies
             new, metrics, refusal = site.train(stage, server_round, run_id, config_yaml, weights, proximal_mu=mu)
+            content = reply_content(stage, experiment, site.name, new, metrics, refusal, site.policy.private)
         except Exception as exc:  # noqa: BLE001  its text may hold paths or data: it stays at the site
-            new, metrics, refusal = None, {}, site_failure(site, exc)
-        return Message(reply_content(stage, experiment, site.name, new, metrics, refusal, site.policy.private),
-                       reply_to=msg)
+            content = refusal_content(site.name if site is not None else "unknown", site_failure(site, exc))
+        return Message(content, reply_to=msg)
 
     return app
+
+
+def refusal_content(site: str, reason: str) -> RecordDict:
+    """A reply that trains nothing: the flag, the site's name and the reason, checked like any other."""
+    info = {"site": site, "reason": reason}
+    check_reply("", None, None, {"refused": 1}, info)  # type: ignore[arg-type]  no arrays: no model needed
+    return RecordDict({"metrics": MetricRecord({"refused": 1}), "info": ConfigRecord(info)})
 
 
 def reply_content(stage: str, config: ExperimentConfig, site: str, new: Mapping | None, metrics: Mapping,
                   refusal: str | None, private: bool = True) -> RecordDict:
     """The whole reply: checked against the allowlist right before it is built."""
     if refusal is not None:
-        info = {"site": site, "reason": refusal}
-        check_reply(stage, config, None, {"refused": 1}, info)
-        return RecordDict({"metrics": MetricRecord({"refused": 1}), "info": ConfigRecord(info)})
+        return refusal_content(site, refusal)
     info = {"site": site}
     check_reply(stage, config, new, metrics, info, private=private)
     packed = pack(new, trainable_shapes(stage, config))  # the checked tensors, in the model's order

@@ -1,16 +1,19 @@
-"""A warm ClientApp executor for a SuperNode started with `--isolation process`.
+"""The ClientApp executor of a site's SuperNode (started with `--isolation process`).
 
-Flower runs every message in a fresh `flwr-clientapp` process, and ours imports torch, Opacus, NeuroKit2
-and the sentence encoder's library first: about 5 s per message, more when the sites share cores. This
-worker imports the ClientApp once, then asks the SuperNode for tasks and forks a child per task that
-runs Flower's own `run_clientapp` (token, heartbeat, FAB check, reply) with the modules already loaded.
+A SuperNode left to itself runs every message in Flower's `flwr-clientapp`, which imports the ClientApp
+from the run's FAB, the coordinator's code (see client.executor). This worker is what a site runs instead:
+it asks the SuperNode for tasks and serves each with the ClientApp the site installed (client.app),
+through client.executor. The FAB is never unpacked or imported.
+
+It also saves time: ours imports torch, Opacus, NeuroKit2 and the sentence encoder's library first, about
+5 s per message. The worker imports the ClientApp once and forks a child per task with the modules loaded;
+`--fresh` starts a new Python process per task instead (what flwr-clientapp costs, for the benchmark).
 
     flower-supernode ... --isolation process --port 9094   # its runtime API, where this worker asks
     python -m client.worker --runtime-api-address 127.0.0.1:9094 --insecure --parent-pid <supernode pid>
 
-The child runs the ClientApp the site has installed (client.app, imported here), not a copy from the
-server's FAB: a site executes its own reviewed code. When the SuperNode (--parent-pid) ends, the worker
-stops its children and exits (ecgtwin.coordinator.watchdog); a child also dies with the worker itself.
+When the SuperNode (--parent-pid) ends, the worker stops its children and exits
+(ecgtwin.coordinator.watchdog); a child also dies with the worker itself.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -32,6 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root-certificates", help="CA certificate of the runtime API (PEM), when not insecure")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) is gone")
     parser.add_argument("--poll", type=float, default=0.05, help="seconds between task requests")
+    parser.add_argument("--fresh", action="store_true", help="a new Python process per task instead of a fork")
+    parser.add_argument("--one-task", metavar="TOKEN", help=argparse.SUPPRESS)  # what --fresh starts per task
     args = parser.parse_args(argv)
     if not args.insecure and not args.root_certificates:
         parser.error("give --insecure (loopback) or --root-certificates")
@@ -40,7 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as exc:
         parser.error(f"{args.root_certificates}: cannot read the CA certificate ({exc.strerror})")
 
-    import client.app  # noqa: F401  the point of this worker: torch and the rest are imported once, here
+    import client.app  # torch and the rest imported once, here; and the ClientApp every task runs
+
+    if args.one_task:
+        sys.exit(_serve(args.one_task, args, certificates, args.parent_pid))
 
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             _reap()
             task = runtime.AcquireTask(request)
             if task.HasField("task") and task.token:
-                _fork(task.token, args, certificates)
+                _fresh(task.token, args) if args.fresh else _fork(task.token, args, certificates)
             else:
                 time.sleep(args.poll)
     except KeyboardInterrupt:
@@ -70,25 +79,36 @@ def main(argv: list[str] | None = None) -> None:
         runtime.close()
 
 
+def _serve(token: str, args: argparse.Namespace, certificates: bytes | None, parent_pid: int | None) -> int:
+    from client.app import app
+    from client.executor import run_task
+
+    return run_task(args.runtime_api_address, token, args.insecure, certificates, app, parent_pid=parent_pid)
+
+
 def _fork(token: str, args: argparse.Namespace, certificates: bytes | None) -> int:
     pid = os.fork()
     if pid:
         return pid
     code = 1
-    try:  # the child: Flower's own per-message ClientApp run, then exit without returning to the loop
+    try:  # the child: one task with the site's ClientApp, then exit without returning to the loop
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-        run_clientapp(runtime_api_address=args.runtime_api_address, token=token, insecure=args.insecure,
-                      certificates=certificates, parent_pid=os.getppid(), runtime_dependency_install=False)
-        code = 0
-    except SystemExit as exc:  # run_clientapp ends with flwr_exit
+        code = _serve(token, args, certificates, os.getppid())
+    except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _fresh(token: str, args: argparse.Namespace) -> None:
+    """A new interpreter for this task (it imports everything again), as flwr-clientapp would be."""
+    command = [sys.executable, "-m", "client.worker", "--runtime-api-address", args.runtime_api_address,
+               "--one-task", token, "--parent-pid", str(os.getpid())]
+    command += ["--insecure"] if args.insecure else ["--root-certificates", args.root_certificates]
+    subprocess.Popen(command)
 
 
 def _die_with_parent() -> None:

@@ -5,10 +5,10 @@ site's training set independently with probability 1/2. The real training runs o
 a federation (all three stages), once with DP-SGD under the audited budget and once without noise. Each
 canary is scored by how much better the trained VAE reconstructs it than the starting weights do. The
 auditor guesses "in" for the k best-scored canaries and "out" for the k worst. Under epsilon-DP the number
-of correct guesses is stochastically dominated by Binomial(2k, e^eps / (1 + e^eps)) (their Theorem 3.1,
-with delta's small additive term left out), so the largest epsilon that this dominance rules out at the
-chosen confidence is an empirical LOWER bound on the epsilon the run really has. A bound above the claimed
-epsilon would prove the implementation wrong. The non-private run shows what the audit can detect.
+of correct guesses is stochastically dominated by Binomial(2k, e^eps / (1 + e^eps)) (their Theorem 3.1;
+under (epsilon, delta)-DP up to an additive term in delta, Cor. 5.4, which the bound includes), so the
+largest epsilon that this dominance rules out at the chosen confidence is an empirical LOWER bound on the
+epsilon the run really has. A bound above the claimed epsilon would prove the implementation wrong. The non-private run shows what the audit can detect.
 """
 
 from __future__ import annotations
@@ -29,27 +29,40 @@ from ecgtwin.errors import UserError
 from ecgtwin.models import ECGVAE
 from ecgtwin.privacy.policy import PrivacyPolicy, StagePlan, StagePlans, save_policy
 from ecgtwin.site import Site
+from ecgtwin.site_folder import SiteFolder
 from ecgtwin.weights import build_module, initial_weights, load_weights_into
 
 
-def epsilon_lower_bound(correct: int, guesses: int, confidence: float = 0.95) -> float:
-    """The largest epsilon such that `correct` of `guesses` would have probability below 1 - confidence
-    under epsilon-DP: P[Binomial(guesses, e^eps / (1 + e^eps)) >= correct] < 1 - confidence."""
+def epsilon_lower_bound(correct: int, guesses: int, confidence: float = 0.95, delta: float = 0.0,
+                        canaries: int | None = None) -> float:
+    """The largest epsilon that `correct` of `guesses` rules out at `confidence` for an (epsilon, delta)-DP
+    run with `canaries` canaries (default: `guesses`). Under (epsilon, delta)-DP (Steinke, Nasr and Jagielski
+    2023, Cor. 5.4) P[correct >= v] <= beta + 2 m delta alpha, where
+    beta = P[Binomial(r, q) >= v], q = e^eps / (1 + e^eps), r = `guesses`, m = `canaries`, and
+    alpha = max over i = 1..v of P[v - i <= Binomial(r, q) < v] / i. The bound is the largest epsilon
+    whose right-hand side is still below 1 - confidence; delta 0 is their pure-DP Theorem 3.1."""
+    m = guesses if canaries is None else canaries
     if guesses == 0 or correct <= guesses / 2:
         return 0.0
 
-    def tail(eps: float) -> float:
-        return float(binom.sf(correct - 1, guesses, 1.0 / (1.0 + math.exp(-eps))))
+    def p_value(eps: float) -> float:
+        q = 1.0 / (1.0 + math.exp(-eps))
+        beta = float(binom.sf(correct - 1, guesses, q))
+        if delta == 0.0:
+            return beta
+        below = np.cumsum(binom.pmf(np.arange(correct - 1, -1, -1), guesses, q))  # P[v - i <= B < v], i = 1..v
+        alpha = float(np.max(below / np.arange(1, correct + 1)))
+        return beta + 2 * m * delta * alpha
 
-    beta = 1.0 - confidence
-    if tail(0.0) >= beta:
+    limit = 1.0 - confidence
+    if p_value(0.0) >= limit:
         return 0.0
     lo, hi = 0.0, 1.0
-    while tail(hi) < beta and hi < 50:
+    while p_value(hi) < limit and hi < 50:
         lo, hi = hi, hi * 2
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if tail(mid) < beta else (lo, mid)
+        lo, hi = (mid, hi) if p_value(mid) < limit else (lo, mid)
     return lo
 
 
@@ -99,7 +112,7 @@ def _train(site_dir: Path, store: SiteStore, config: ExperimentConfig, policy: P
     site_dir.mkdir(parents=True, exist_ok=True)
     shutil.move(str(store.path), site_dir / "store")
     save_policy(policy, site_dir / "privacy.yaml")
-    site = Site(site_dir / "store", site_dir / "privacy.yaml", site_dir / "state")
+    site = Site.open(SiteFolder.at(site_dir))
     weights = {}
     for stage in STAGES:
         weights[stage] = initial_weights(stage, config)
@@ -141,6 +154,7 @@ def canary_audit(store_path: str | Path, config: ExperimentConfig, out: str | Pa
         correct = int(included[order[:k]].sum() + (~included[order[-k:]]).sum())
         report["runs"][name] = {"epsilon_claimed": trained["epsilon"] if private else None,
                                 "correct": correct, "guesses": 2 * k,
-                                "epsilon_lower_bound": epsilon_lower_bound(correct, 2 * k, confidence)}
+                                "epsilon_lower_bound": epsilon_lower_bound(correct, 2 * k, confidence,
+                                                                          policy.delta, canaries)}
     report["epsilon_lower_bound"] = report["runs"]["dp"]["epsilon_lower_bound"]
     return report

@@ -389,9 +389,15 @@ def _run_privacy_plan(args: argparse.Namespace) -> dict:
 
 
 def _run_privacy_ledger(args: argparse.Namespace) -> dict:
+    from ecgtwin.privacy import Ledger
     from ecgtwin.privacy.reports import ledger_report
+    from ecgtwin.site_folder import SiteFolder
 
-    report = ledger_report(args.site, args.figure)
+    if args.site.is_dir():  # a site folder: its one ledger
+        folder = SiteFolder.at(args.site)
+        report = ledger_report(folder.ledger(), folder.policy, args.figure)
+    else:  # a ledger file, its policy beside it
+        report = ledger_report(Ledger(args.site), args.site.with_name("privacy.yaml"), args.figure)
     if not args.json:  # a readable table instead of the raw entries
         for e in report.pop("entries"):
             print(f"{e['time']}  {e['stage']:>4} round {e['round']:>3}  {e['steps']:>5} steps  q={e['sample_rate']:.4f}"

@@ -10,7 +10,7 @@ and the twin model are fine-tuned with DP-SGD at every site (only their noisy we
 leave a site). Then, at one site, it generates twins of a few of its patients under new conditions (one of
 them unseen in the public data), measures them, and writes a report with pictures.
 
-    OUT/sites/<site>/{store, privacy.yaml, state/ledger.jsonl}   each hospital's side
+    OUT/sites/<site>/{store, privacy.yaml, ledger.jsonl, state/}   each hospital's side
     OUT/federation/{metrics.jsonl, metrics.png, state.npz, model/, simulation.log}   the coordinator's side
     OUT/fine-tune.yaml   the experiment the sites ran (demo.yaml with the fine-tuning settings)
     OUT/twins/, OUT/figures/, OUT/report.md, OUT/report.json
@@ -34,7 +34,8 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.errors import MissingInput
 from ecgtwin.plot import new_figure, plot_ecg_paper
-from ecgtwin.privacy import Ledger, load_policy
+from ecgtwin.privacy import load_policy
+from ecgtwin.site_folder import SiteFolder
 from ecgtwin.privacy.policy import save_policy, site_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def _federate(out: Path, demo: DemoConfig, config_path: Path, progress: bool) ->
 
 
 def _privacy(site_dir: Path) -> dict:
-    entries = Ledger(site_dir / "state" / "ledger.jsonl").entries()
+    entries = SiteFolder.at(site_dir).ledger().entries()
     policy = load_policy(site_dir / "privacy.yaml")
     return {"epsilon_spent": entries[-1]["epsilon"] if entries else 0.0, "epsilon_budget": policy.epsilon,
             "delta": policy.delta, "passes": len(entries),

@@ -2,7 +2,8 @@
 
 A `Site` is opened from the SuperNode's node config: `data-path` (the site store), `policy-path` (the
 site's privacy policy, written by its privacy officer) and optionally `state-path` (a writable folder for
-the privacy ledger, the noise-plan cache and the working checkpoint; default: the policy's folder).
+the noise-plan cache, the kept replies and the working checkpoint; default: POLICY_DIR/state). The
+privacy ledger is always the one beside the policy (ecgtwin.site_folder), whatever the state folder.
 
 `Site.train` receives the global weights of the stage being trained and of the frozen earlier stages,
 hands them as values to ONE local pass with the site's own steps and noise (from its policy; the server
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import traceback
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,8 +29,9 @@ from ecgtwin.checkpoint import Checkpoint, atomic_write
 from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
 from ecgtwin.config import STAGES, ExperimentConfig, config_from_text, to_dict
 from ecgtwin.data.store import SiteStore
-from ecgtwin.privacy import BudgetExceeded, Ledger, PlanError, ledger_path, load_policy
+from ecgtwin.privacy import BudgetExceeded, PlanError, load_policy
 from ecgtwin.privacy.ledger import LedgerDamaged
+from ecgtwin.site_folder import POLICY_FILE, SiteFolder
 from ecgtwin.train.result import PassResult
 from ecgtwin.device import resolve_device
 from ecgtwin.weights import trainable_part, trainable_shapes
@@ -83,62 +86,75 @@ def check_reply(stage: str, config: ExperimentConfig, arrays: Mapping[str, np.nd
             raise ReplyRejected(f"reply config {key!r}: must be text")
 
 
-def site_paths(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> dict[str, Path]:
-    """data/policy/state paths of this node. From the node config (data-path, policy-path, state-path); in
-    simulation, where nodes only have a partition-id, from the run config's sites-root: the partition-id-th
-    folder (sorted) of <sites-root>/<site>/{store, privacy.yaml, state}."""
+def site_paths(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> SiteFolder:
+    """This node's site folder. From the node config (data-path, policy-path, state-path); in simulation,
+    where nodes only have a partition-id, from the run config's sites-root: the partition-id-th folder
+    (sorted) of <sites-root>/<site>/{store, privacy.yaml, state}."""
     if "data-path" in node_config or "policy-path" in node_config:
         missing = [k for k in ("data-path", "policy-path") if not node_config.get(k)]
         if missing:
             raise UserError(f"node config: {', '.join(missing)} missing (set them with flower-supernode --node-config)")
-        state = node_config.get("state-path") or None
-        return {"data": Path(str(node_config["data-path"])), "policy": Path(str(node_config["policy-path"])),
-                "state": Path(str(state)) if state else Path(str(node_config["policy-path"])).parent}
+        return SiteFolder.of(str(node_config["data-path"]), str(node_config["policy-path"]),
+                             str(node_config.get("state-path") or "") or None)
     root = str((run_config or {}).get("sites-root", "") or "")
     if "partition-id" not in node_config or not root:
         raise UserError("node config has no data-path/policy-path (flower-supernode --node-config "
                          "'data-path=\"...\" policy-path=\"...\"'), and this is not a simulation with a sites-root")
-    sites = sorted(p.parent for p in Path(root).glob("*/privacy.yaml"))
+    sites = sorted(p.parent for p in Path(root).glob(f"*/{POLICY_FILE}"))
     index = int(node_config["partition-id"])
     if not 0 <= index < len(sites):
         raise UserError(f"sites-root {root}: simulation node {index} has no site (found {len(sites)} sites with "
-                         "privacy.yaml)")
-    site = sites[index]
-    return {"data": site / "store", "policy": site / "privacy.yaml", "state": site / "state"}
+                         f"{POLICY_FILE})")
+    return SiteFolder.at(sites[index])
 
 
 class Site:
     def __init__(self, data_path: str | Path, policy_path: str | Path, state_path: str | Path | None = None,
                  progress: bool = False, device: str = "auto") -> None:
-        self.store_path = Path(data_path)
-        self.policy_path = Path(policy_path)
+        self.folder = SiteFolder.of(data_path, policy_path, state_path)
         self.device = device  # where its passes compute: the SuperNode's node config `device` (auto|cpu|cuda[:N])
-        self.policy = load_policy(self.policy_path)
-        if not self.store_path.is_dir():
-            raise MissingInput(f"{self.store_path}: site store does not exist")
-        self.state_path = Path(state_path) if state_path else self.policy_path.parent
-        # the store's one ledger (its marker names it), else a new one in the state folder
-        self.ledger = Ledger.for_store(self.store_path, self.state_path / "ledger.jsonl" if state_path
-                                       else ledger_path(self.policy_path))
-        self.cache = self.state_path / "cache"  # noise plan, statement embeddings, public negatives
-        self.work = self.state_path / "checkpoint"
-        self.name = self.policy.site or self.store_path.name
+        self.policy = load_policy(self.folder.policy)
+        if not self.folder.store.is_dir():
+            raise MissingInput(f"{self.folder.store}: site store does not exist")
+        self.ledger = self.folder.ledger()
+        self.work = self.folder.checkpoint
+        self.name = self.policy.site or self.folder.store.name
         self.progress = progress
+
+    @classmethod
+    def open(cls, folder: SiteFolder, progress: bool = False, device: str = "auto") -> "Site":
+        return cls(folder.store, folder.policy, folder.state, progress=progress, device=device)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None,
                          progress: bool = False) -> "Site":
-        paths = site_paths(node_config, run_config)
-        return cls(paths["data"], paths["policy"], paths["state"], progress=progress,
-                   device=str(node_config.get("device", "auto")))
+        return cls.open(site_paths(node_config, run_config), progress=progress,
+                        device=str(node_config.get("device", "auto")))
 
     def train(self, stage: str, server_round: int, run_id: str, config_yaml: str,
               weights: Mapping[str, Mapping[str, np.ndarray]],
               proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray] | None, dict, str | None]:
         """One local pass of `stage` from the received global weights. Returns (new stage weights or None,
-        allowlisted metrics, refusal reason or None)."""
+        allowlisted metrics, refusal reason or None). Every outcome is kept under the pass's key before it is
+        returned, refusals too: a repeated request gets it again and nothing is computed twice. A failure
+        (an exception) comes back as a fixed category, its text in the site's state/errors.log; a retry
+        computes again, with the same noise (the pass secret comes from the site's secret and the key)."""
         if stage not in STAGES:
             raise UserError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+        received = {s: dict(weights[s]) for s in STAGES[: STAGES.index(stage) + 1] if s in weights and len(weights[s])}
+        key = pass_key(run_id, stage, server_round, received, config_yaml, proximal_mu)
+        stored = self._stored(key)
+        if stored is not None:  # a repeated request: the same output again, at no cost (post-processing)
+            return stored
+        try:
+            outcome = self._outcome(stage, server_round, run_id, config_yaml, received, proximal_mu, key)
+        except Exception as exc:  # noqa: BLE001  its text may hold paths or data: it stays at the site
+            return None, {}, site_failure(self, exc)
+        self._store(key, *outcome)
+        return outcome
+
+    def _outcome(self, stage: str, server_round: int, run_id: str, config_yaml: str, received: dict,
+                 proximal_mu: float, key: str) -> tuple[dict[str, np.ndarray] | None, dict, str | None]:
         config = config_from_text(config_yaml)
         plan = self.policy.stage(stage)
         if config.stage(stage).trainable == "frozen":
@@ -146,11 +162,6 @@ class Site:
         if plan.rounds < 1:
             return None, {}, (f"{self.name}: the site's privacy policy plans no rounds for stage {stage}; "
                               "not training it")
-        received = {s: dict(weights[s]) for s in STAGES[: STAGES.index(stage) + 1] if s in weights and len(weights[s])}
-        key = pass_key(run_id, stage, server_round, received, config_yaml, proximal_mu)
-        stored = self._stored(key)
-        if stored is not None:  # a repeated request: the same output again, at no cost (post-processing)
-            return stored
         try:
             result = self._pass(stage, config, received, server_round, plan.local_steps, run_id, proximal_mu, key)
         except (BudgetExceeded, PlanError) as exc:
@@ -171,20 +182,25 @@ class Site:
                        "train-seconds": float(result.summary["seconds"])}
         reply = trainable_part(stage, config, result.weights)  # frozen tensors never leave the site
         check_reply(stage, config, reply, metrics, private=self.policy.private)
-        self._store(key, reply, metrics)
         return reply, metrics, None
 
-    def _stored(self, key: str) -> tuple[dict[str, np.ndarray], dict, None] | None:
-        folder = self.state_path / "passes" / key
+    def _stored(self, key: str) -> tuple[dict[str, np.ndarray] | None, dict, str | None] | None:
+        folder = self.folder.passes / key
         if not (folder / "metrics.json").is_file():
             return None
+        kept = json.loads((folder / "metrics.json").read_text())
+        if "refusal" in kept:
+            return None, {}, kept["refusal"]
         weights = {k: np.asarray(v) for k, v in load_file(str(folder / "weights.safetensors")).items()}
-        return weights, json.loads((folder / "metrics.json").read_text()), None
+        return weights, kept, None
 
-    def _store(self, key: str, weights: dict[str, np.ndarray], metrics: dict) -> None:
-        """The pass's reply, kept before it is sent (metrics.json last: its presence means complete)."""
-        folder = self.state_path / "passes" / key
+    def _store(self, key: str, weights: dict[str, np.ndarray] | None, metrics: dict, refusal: str | None) -> None:
+        """The pass's outcome, kept before it is sent (metrics.json last: its presence means complete)."""
+        folder = self.folder.passes / key
         folder.mkdir(parents=True, exist_ok=True)
+        if refusal is not None:
+            atomic_write(folder / "metrics.json", json.dumps({"refusal": refusal}).encode())
+            return
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / "weights.safetensors"))
         atomic_write(folder / "metrics.json", json.dumps(metrics).encode())
 
@@ -194,18 +210,18 @@ class Site:
 
     def _pass(self, stage: str, config: ExperimentConfig, weights: dict, server_round: int, steps: int,
               run_id: str, proximal_mu: float = 0.0, key: str | None = None) -> PassResult:
-        store = SiteStore(self.store_path)
+        store = SiteStore(self.folder.store)
         device = resolve_device(self.device)
         if self.policy.private:
             from ecgtwin.train.private import private_pass
 
             return private_pass(stage, config, store, weights, self.policy, self.ledger, round=server_round,
-                                steps=steps, run=run_id, proximal_mu=proximal_mu, cache_dir=self.cache,
+                                steps=steps, run=run_id, proximal_mu=proximal_mu, cache_dir=self.folder.cache,
                                 progress=self.progress, charge_key=key, device=device)
         from ecgtwin.train.local import local_pass
 
         return local_pass(stage, config, store, weights, steps, round=server_round, proximal_mu=proximal_mu,
-                          cache_dir=self.cache, progress=self.progress, device=device)
+                          cache_dir=self.folder.cache, progress=self.progress, device=device)
 
     def _keep(self, config: ExperimentConfig, received: dict, result: PassResult) -> None:
         """The site's own record of the pass: its local log, and the weights it had and made (a checkpoint
@@ -247,16 +263,20 @@ FAILURE_CATEGORIES = (("MissingInput", "a file the site needs is missing"),
                       ("Exception", "internal error"))
 
 
-def site_failure(site: "Site", exc: BaseException) -> str:
-    """The reason sent for a pass that failed: the site's name and a fixed category; the exception itself
-    is appended to state/errors.log at the site."""
+def site_failure(site: "Site | None", exc: BaseException) -> str:
+    """The reason sent for a pass that failed: the site's name and a fixed category. The exception itself is
+    appended to the site's state/errors.log, or, when the site could not even be opened, written to this
+    process's own stderr (the SuperNode's log, which stays at the site)."""
     names = {k.__name__ for k in type(exc).__mro__}
     category = next(text for name, text in FAILURE_CATEGORIES if name in names)
+    if site is None:
+        sys.stderr.write("".join(traceback.format_exception(exc)))
+        return f"site error: {category} (details in the SuperNode's log)"
     _log_error(site, exc)
     return f"{site.name}: site error: {category} (details in the site's state/errors.log)"
 
 
 def _log_error(site: "Site", exc: BaseException) -> None:
-    site.state_path.mkdir(parents=True, exist_ok=True)
-    with (site.state_path / "errors.log").open("a") as log:
+    site.folder.state.mkdir(parents=True, exist_ok=True)
+    with site.folder.errors_log.open("a") as log:
         log.write("".join(traceback.format_exception(exc)) + "\n")

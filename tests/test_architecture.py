@@ -17,7 +17,7 @@ LAYERS = [
     ("models", ["ecgtwin.models"]),
     ("schema and storage", ["ecgtwin.config", "ecgtwin.checkpoint", "ecgtwin.weights"]),
     ("conditioning", ["ecgtwin.text", "ecgtwin.conditioning"]),
-    ("accounting", ["ecgtwin.privacy"]),
+    ("accounting", ["ecgtwin.privacy", "ecgtwin.site_folder"]),
     ("one local pass; inference", ["ecgtwin.train", "ecgtwin.twin"]),
     ("evaluation", ["ecgtwin.evaluate"]),
     ("site and coordinator", ["ecgtwin.site", "ecgtwin.audit", "ecgtwin.export", "ecgtwin.foundation",

@@ -119,7 +119,7 @@ def test_site_trains_with_its_own_steps_and_refuses_beyond_its_budget(consortium
     assert metrics["num-examples"] == 8
     assert {k: v.shape for k, v in new.items()} == model_shapes("vae", config)
     assert any(not np.array_equal(new[k], v) for k, v in initial_weights("vae", config).items())
-    ledger = Ledger(sites / "site_a" / "state" / "ledger.jsonl")
+    ledger = Ledger(sites / "site_a" / "ledger.jsonl")
     assert [(e["stage"], e["round"], e["steps"], e["run"]) for e in ledger.entries()] == [("vae", 1, 2, "run-1")]
 
     # the privacy officer lowers the budget to what is spent: the next round is refused, nothing is charged
@@ -139,7 +139,7 @@ def test_site_trains_with_its_own_steps_and_refuses_beyond_its_budget(consortium
     new, _, refusal = open_site(sites, "site_b").train("twin", 1, "run-1", config_text(config),
                                                        global_weights(config, "twin"))
     assert new is None and "plans no rounds for stage twin" in refusal
-    assert not (sites / "site_b" / "state" / "ledger.jsonl").exists()
+    assert not (sites / "site_b" / "ledger.jsonl").exists()
 
 
 def test_reply_allowlist(consortium):
@@ -222,11 +222,11 @@ def test_client_messages_carry_only_weights_and_allowlisted_metrics(consortium, 
         assert reply.content["metrics"]["num-examples"] > 0 and "epsilon" in reply.content["metrics"]
         weights[stage] = unpack(reply.content["arrays"][FLAT].numpy(), trainable_shapes(stage, config))
     # a refusal carries no arrays at all, only the flag and the reason
-    spent = Ledger(sites / "site_a" / "state" / "ledger.jsonl").entries()[-1]["epsilon"]
+    spent = Ledger(sites / "site_a" / "ledger.jsonl").entries()[-1]["epsilon"]
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(policy(site="site_a", epsilon=spent * 1.001)))
     again = app(message, context)  # the same request again: the stored output, at no cost
     assert again.content["metrics"]["epsilon"] == reply.content["metrics"]["epsilon"]
-    assert Ledger(sites / "site_a" / "state" / "ledger.jsonl").entries()[-1]["epsilon"] == spent
+    assert Ledger(sites / "site_a" / "ledger.jsonl").entries()[-1]["epsilon"] == spent
     content["config"] = ConfigRecord({"stage": "twin", "round": 2, "run-id": "t", "config-yaml": config_text(config)})
     reply = app(Message(content, dst_node_id=7, message_type="train"), context)  # a new round: refused
     assert len(reply.content.array_records) == 0
@@ -299,7 +299,7 @@ def run_config(consortium, out: Path, **overrides) -> dict:
 
 
 def ledger_rounds(sites: Path, site: str) -> list[tuple[str, int]]:
-    return [(e["stage"], e["round"]) for e in Ledger(sites / site / "state" / "ledger.jsonl").entries()]
+    return [(e["stage"], e["round"]) for e in Ledger(sites / site / "ledger.jsonl").entries()]
 
 
 def test_refusals_are_dropped_and_too_few_sites_stop_the_run(consortium, sites, tmp_path, flower_identity):
@@ -414,7 +414,7 @@ def test_simulation_end_to_end(consortium, sites, tmp_path):
     work = sites / "site_a" / "state" / "checkpoint"
     assert list(work.glob("dp_*_loss.jsonl"))  # the site's own logs exist ...
     site_card = export_model(work, tmp_path / "site_bundle", sites / "site_a" / "privacy.yaml",
-                             sites / "site_a" / "state" / "ledger.jsonl")
+                             sites / "site_a" / "ledger.jsonl")
     assert not list((tmp_path / "site_bundle").glob("*.jsonl"))  # ... and stay at the site
     assert site_card["privacy"]["epsilon_spent"] == pytest.approx(open_site(sites, "site_a").spent())
     import hashlib
@@ -458,6 +458,37 @@ def test_a_failure_at_a_site_reaches_the_server_as_a_category_only(consortium, s
     assert "records.csv has 4 rows" in (sites / "site_a" / "state" / "errors.log").read_text()
 
 
+def test_a_site_that_cannot_open_or_read_the_message_replies_with_a_category_only(consortium, sites, capsys,
+                                                                                 flower_identity):
+    """Opening the site (a store path that does not exist) and reading the message (a config the site
+    refuses) fail before any training: the reply still carries a fixed category and no path or text."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from client.app import make_app
+
+    config = consortium["config"]
+    secret_path = sites / "site_a" / "no-such-store-p1234"
+
+    def send(node_config: dict, config_yaml: str):
+        content = RecordDict({"vae": ArrayRecord({FLAT: Array(pack(initial_weights("vae", config),
+                                                                   model_shapes("vae", config)))})})
+        content["config"] = ConfigRecord({"stage": "vae", "round": 1, "run-id": "t", "config-yaml": config_yaml})
+        context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+        reply = make_app()(Message(content, dst_node_id=7, message_type="train"), context)
+        assert not reply.has_error() and len(reply.content.array_records) == 0
+        return reply.content["info"]["reason"], reply.content["info"]["site"]
+
+    policy_path = str(sites / "site_a" / "privacy.yaml")
+    reason, site = send({"data-path": str(secret_path), "policy-path": policy_path}, config_text(config))
+    assert (reason, site) == ("site error: a file the site needs is missing (details in the SuperNode's log)", "unknown")
+    assert str(secret_path) in capsys.readouterr().err  # the text stays in the SuperNode's own log
+    reason, site = send({"data-path": str(sites / "site_a" / "store"), "policy-path": policy_path,
+                         "state-path": str(sites / "site_a" / "state")}, "model: {vae: {lattent: 1}}\n")
+    assert (reason, site) == ("site_a: site error: the configuration was refused (details in the site's "
+                              "state/errors.log)", "site_a")
+    assert "lattent" in (sites / "site_a" / "state" / "errors.log").read_text()
+
+
 # --------------------------------------------------------------------------------------------------------
 # the ledger: one per store, tamper-evident, and rounds that survive a crash without burning budget
 
@@ -494,20 +525,107 @@ def test_a_deleted_or_edited_ledger_is_refused_not_restarted(consortium, sites):
 
 
 def test_every_command_that_trains_a_store_uses_its_one_ledger(consortium, sites, tmp_path):
-    """After a federation round charged SITE/state/ledger.jsonl, `ecgtwin train --policy SITE/privacy.yaml`
-    (whose default ledger would be SITE/ledger.jsonl) charges the same ledger, and `privacy ledger` reads it."""
+    """A federation round (its state folder elsewhere), then the store prepared again from its records,
+    then `ecgtwin train --policy SITE/privacy.yaml`: one ledger, SITE/ledger.jsonl, holds both charges, the
+    re-prepared store still names it, and `privacy ledger` reads it. Re-preparing never resets the budget."""
     from ecgtwin.cli import main
 
     config = consortium["config"]
-    site = charged_site(sites, config)
+    site = Site(sites / "site_a" / "store", sites / "site_a" / "privacy.yaml", tmp_path / "elsewhere")
+    new, _, refusal = site.train("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
+    assert refusal is None and site.ledger.path == (sites / "site_a" / "ledger.jsonl")
+    spent = site.spent()
+    prepare_store("synthetic", consortium["root"] / "raw" / "site_a", sites / "site_a" / "store",
+                  config=PreprocessConfig(n_samples=N_SAMPLES), progress=False)
+    assert (sites / "site_a" / "store" / "ledger-marker.json").is_file()  # kept by the re-prepare
+    assert open_site(sites, "site_a").spent() == spent
     config_path = tmp_path / "tiny.yaml"
     save_config(config, config_path)
     assert main(["train", "--config", str(config_path), "--stage", "vae", "--store", str(sites / "site_a" / "store"),
                  "--out", str(tmp_path / "ckpt"), "--policy", str(sites / "site_a" / "privacy.yaml"),
                  "--no-progress", "--json"]) == 0
-    assert not (sites / "site_a" / "ledger.jsonl").exists()
-    assert len(site.ledger.entries()) == 2
+    assert not (sites / "site_a" / "state" / "ledger.jsonl").exists() and not (tmp_path / "elsewhere" / "ledger.jsonl").exists()
+    assert len(open_site(sites, "site_a").ledger.entries()) == 2 and open_site(sites, "site_a").spent() > spent
     assert main(["privacy", "ledger", "--site", str(sites / "site_a"), "--json"]) == 0
+
+
+def unseeded(sites: Path, **overrides) -> None:
+    """site_a's policy without the test seed: its passes draw from the site's secret, as in production."""
+    text = policy(site="site_a", **overrides)
+    del text["seed"]
+    (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(text))
+
+
+def test_a_retried_pass_releases_the_same_bytes(consortium, sites, tmp_path):
+    """The charge of a pass is re-used by its retry, so the retry must release exactly what the first try
+    did: from a second state folder, after state/passes was deleted, the noise (from the site's secret and
+    the pass key) is the same and so are the bytes; one charge. A lost site secret is refused."""
+    config = consortium["config"]
+    unseeded(sites)
+    request = ("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
+    first, metrics, refusal = open_site(sites, "site_a").train(*request)
+    assert refusal is None
+    second_state = Site(sites / "site_a" / "store", sites / "site_a" / "privacy.yaml", tmp_path / "second-state")
+    again, metrics_again, _ = second_state.train(*request)
+    shutil.rmtree(sites / "site_a" / "state" / "passes")
+    third, _, _ = open_site(sites, "site_a").train(*request)
+    for retry in (again, third):
+        assert all(np.array_equal(first[k], retry[k]) for k in first)
+    assert metrics_again == metrics and len(second_state.ledger.entries()) == 1
+    other, _, _ = open_site(sites, "site_a").train("vae", 1, "run-2", *request[3:])  # another pass: other noise
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
+
+    (sites / "site_a" / "site-secret.key").unlink()
+    shutil.rmtree(sites / "site_a" / "state" / "passes")
+    new, _, refusal = open_site(sites, "site_a").train(*request)
+    assert new is None and "ledger is missing, truncated or edited" in refusal
+    assert "the site secret is missing" in (sites / "site_a" / "state" / "errors.log").read_text()
+
+
+def test_a_refusal_is_stored_and_replayed_not_recomputed(consortium, sites, monkeypatch):
+    """A pass whose weights come out non-finite is refused (nothing sent) after its charge: the refusal is
+    stored like a reply, and the retry gets it back without training again; after state/passes is gone the
+    retry trains again with the same noise and is refused the same way, with one charge."""
+    config = consortium["config"]
+    unseeded(sites)
+    real_pass, calls = Site._pass, []
+
+    def poisoned(self, *args, **kwargs):
+        calls.append(1)
+        result = real_pass(self, *args, **kwargs)
+        result.weights[next(iter(result.weights))][...] = np.nan  # forced: the pass "diverged"
+        return result
+
+    monkeypatch.setattr(Site, "_pass", poisoned)
+    request = ("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
+    outcomes = [open_site(sites, "site_a").train(*request) for _ in range(2)]
+    assert [o[2] for o in outcomes] == ["site_a: the pass produced non-finite weights; nothing was sent"] * 2
+    assert len(calls) == 1 and all(o[0] is None for o in outcomes)
+    shutil.rmtree(sites / "site_a" / "state" / "passes")
+    assert open_site(sites, "site_a").train(*request)[2] == outcomes[0][2]
+    assert len(calls) == 2 and len(open_site(sites, "site_a").ledger.entries()) == 1
+
+
+def test_no_refusal_depends_on_the_private_count(consortium, sites):
+    """More training patients than the policy's public population, and an IBE stage with a single pair: both
+    train (the count stays at the site) instead of refusing with a reason that would reveal it."""
+    config = consortium["config"]
+    (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(policy(site="site_a", population=3)))
+    new, metrics, refusal = open_site(sites, "site_a").train("vae", 1, "run-1", config_text(config),
+                                                              global_weights(config, "vae"))
+    assert refusal is None and metrics["num-examples"] == 3
+
+    import pandas as pd
+
+    store = sites / "site_b" / "store"
+    records = pd.read_csv(store / "records.csv")
+    rank = records.groupby("patient_id").cumcount()
+    keep = (rank == 0) | ((records.patient_id == records.patient_id.iloc[0]) & (rank == 1))  # one pair in all
+    records.loc[~keep, "patient_id"] = [f"solo{i}" for i in range(int((~keep).sum()))]
+    records.to_csv(store / "records.csv", index=False)
+    new, metrics, refusal = open_site(sites, "site_b").train("ibe", 1, "run-1", config_text(config),
+                                                              global_weights(config, "ibe"))
+    assert refusal is None and new is not None and metrics["num-examples"] == 8
 
 
 CRASHING_PASS = r"""
@@ -533,7 +651,7 @@ def test_a_pass_killed_mid_round_is_retried_without_a_second_charge(consortium, 
     slow = policy(site="site_a", epsilon=1e4)
     slow["stages"]["vae"]["local_steps"] = 400  # long enough to be killed in the middle
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(slow))
-    ledger_file = sites / "site_a" / "state" / "ledger.jsonl"
+    ledger_file = sites / "site_a" / "ledger.jsonl"
     child = subprocess.Popen([sys.executable, "-c", CRASHING_PASS, str(sites), str(consortium["config_path"]),
                               str(tmp_path / "never.npz")], cwd=ROOT, env=flower_env(tmp_path / "flwr"))
     deadline = time.monotonic() + 240

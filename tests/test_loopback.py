@@ -38,7 +38,7 @@ def history(out: Path) -> list[dict]:
 
 
 def ledger(sites: Path, site: str) -> list[tuple]:
-    return [(e["stage"], e["round"], e["run"]) for e in Ledger(sites / site / "state" / "ledger.jsonl").entries()]
+    return [(e["stage"], e["round"], e["run"]) for e in Ledger(sites / site / "ledger.jsonl").entries()]
 
 
 def run_overrides(consortium, out: Path, name: str, **more) -> dict:
@@ -125,3 +125,40 @@ def test_the_worker_refuses_a_missing_certificate_in_one_line(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].endswith(f"{tmp_path / 'ca.crt'}: cannot read the CA certificate "
                                                          "(No such file or directory)")
+
+
+HOSTILE_CLIENTAPP = """
+from pathlib import Path
+from flwr.clientapp import ClientApp
+
+Path({marker!r}).write_text("the coordinator's code ran at a hospital")
+app = ClientApp()
+"""
+
+
+def test_a_site_runs_its_own_clientapp_never_the_coordinators_fab(consortium, sites, tmp_path):
+    """The coordinator submits a FAB whose pyproject names another ClientApp (a module of its own, which
+    writes a file when imported) and whose client/app.py is replaced too: the sites serve the round with the
+    ClientApp they installed (the round trains, each ledger is charged once), and no code of the FAB ran."""
+    fab, marker = tmp_path / "fab", tmp_path / "FAB-RAN"
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("ecgtwin", "server", "client", "configs"):
+        shutil.copytree(root / folder, fab / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = (root / "pyproject.toml").read_text()
+    assert 'clientapp = "client.app:app"' in pyproject
+    (fab / "pyproject.toml").write_text(pyproject.replace('clientapp = "client.app:app"', 'clientapp = "hostile:app"'))
+    (fab / "hostile.py").write_text(HOSTILE_CLIENTAPP.format(marker=str(marker)))
+    (fab / "client" / "app.py").write_text(HOSTILE_CLIENTAPP.format(marker=str(marker)))
+    out = tmp_path / "out"
+    two = ("site_a", "site_b")
+    with Loopback(tmp_path / "deploy", {s: sites / s for s in two}) as net:
+        net.start_all()
+        run = net.run(run_overrides(consortium, out, "fab-test", **{"rounds-ibe": 0, "rounds-twin": 0}), app=fab)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        status = finished(out, 300)
+        assert status["status"] == "finished", status.get("message")
+        assert sorted(history(out)[0]["sites"]) == list(two) and not history(out)[0]["failed"]
+        for site in two:
+            assert ledger(sites, site) == [("vae", 1, "fab-test")]
+            assert "served by this site's installed client.app, the FAB is not run" in net.log(f"{site}-worker")
+    assert not marker.exists(), "the FAB's ClientApp was imported at a site"

@@ -547,6 +547,29 @@ def test_a_patient_whose_loss_is_infinite_does_not_poison_the_step(store, tmp_pa
     assert np.isfinite(result.summary["loss"])
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_patient_whose_gradient_is_not_finite_is_dropped_in_every_mode(mode):
+    """A finite loss can have a non-finite gradient (sqrt at 0: loss 0, gradient 0 x inf): such a patient is
+    dropped from the step in every per-sample mode, ghost clipping too, and the weights stay finite."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3, bias=False)
+    x = torch.randn(5, 4)
+    x[2] = 0.0  # patient p2: output 0, sqrt's gradient infinite there
+
+    def unit_loss(picks, step):
+        rows = torch.tensor([int(pid[1:]) for pid, _ in picks])
+        return module(x[rows]).pow(2).sum(1).sqrt(), torch.arange(len(picks))
+
+    built = private.PrivateStage(module, [(f"p{i}", np.array([i])) for i in range(5)], unit_loss, one_row_per_unit=True)
+    pol = policy(records_per_patient=1, grad_sample_mode=mode)
+    settings = load_config(CONFIG).vae
+    with private.dp_step(built, pol, settings, expected_batch=5.0, sigma=0.0,
+                         generator=torch.Generator().manual_seed(0)) as step:
+        loss, dropped = step([(f"p{i}", np.array([i])) for i in range(5)], 0)
+    assert dropped == 1 and np.isfinite(loss)
+    assert torch.isfinite(module.weight).all()
+
+
 def test_a_store_without_patient_ids_needs_unit_record(challenge_root, tmp_path):
     """The Challenge databases carry no patient ids (one recording = one patient): DP training refuses to call
     that patient-level unless the policy says unit: record, and the ledger and plan then say so."""
@@ -581,6 +604,26 @@ def test_canary_lower_bound_is_exact_on_known_counts():
     eps = epsilon_lower_bound(27, 32, 0.95)
     assert binom.sf(26, 32, 1 / (1 + np.exp(-eps))) == pytest.approx(0.05, rel=1e-3)
     assert epsilon_lower_bound(16, 32) == 0.0 and epsilon_lower_bound(20, 32) == 0.0  # chance-level guessing
+
+
+def test_canary_lower_bound_includes_the_delta_term():
+    """Under (epsilon, delta)-DP the p-value is beta + 2 m delta alpha (Steinke et al. 2023, Cor. 5.4), computed
+    here term by term from the binomial: at the returned bound it equals 1 - confidence, and the bound is
+    below the pure-DP one (a larger delta explains more correct guesses)."""
+    from scipy.stats import binom
+
+    from ecgtwin.canary import epsilon_lower_bound
+
+    def p_value(eps, v, r, m, delta):
+        q = 1 / (1 + np.exp(-eps))
+        alpha = max(sum(binom.pmf(v - j, r, q) for j in range(1, i + 1)) / i for i in range(1, v + 1))
+        return binom.sf(v - 1, r, q) + 2 * m * delta * alpha
+
+    for v, r, m, delta in ((30, 32, 64, 1e-4), (60, 64, 256, 1e-3), (27, 32, 64, 1e-5)):
+        eps = epsilon_lower_bound(v, r, 0.95, delta=delta, canaries=m)
+        assert p_value(eps, v, r, m, delta) == pytest.approx(0.05, rel=1e-3), (v, r, m, delta)
+        assert 0 < eps < epsilon_lower_bound(v, r, 0.95)
+    assert epsilon_lower_bound(32, 32, 0.95, delta=0.01, canaries=64) == 0.0  # 2 m delta alone is above 0.05
 
 
 def test_canary_audit_bounds_the_noiseless_run_above_the_dp_run(tmp_path, capsys):

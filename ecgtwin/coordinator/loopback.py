@@ -59,8 +59,9 @@ def flower_env(home: Path, marker: str = "") -> dict:
 @dataclasses.dataclass
 class Loopback:
     """`root` holds certificates, logs and Flower homes; `sites` maps a site to its folder (store,
-    privacy.yaml, state). `warm`: SuperNodes in process isolation with client.worker (one import per
-    site), else Flower's subprocess isolation (one flwr-clientapp per message)."""
+    privacy.yaml, state). Every SuperNode runs in process isolation with client.worker, which serves each
+    message with the site's installed ClientApp, never the FAB's. `warm`: one import per site (a fork per
+    message), else a fresh Python process per message (what Flower's own flwr-clientapp costs)."""
 
     root: Path
     sites: dict[str, Path]
@@ -125,11 +126,11 @@ class Loopback:
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates", str(self.certs / "ca.crt"),
             "--auth-supernode-private-key", str(self.certs / (key_of or site) / "auth.key"),
-            "--isolation", "process" if self.warm else "subprocess", "--port", str(runtime),
-            "--node-config", node_config])
-        if self.warm:  # exits by itself when the SuperNode does (--parent-pid)
-            self.start(f"{site}-worker", [sys.executable, "-m", "client.worker", "--runtime-api-address",
-                                          f"127.0.0.1:{runtime}", "--insecure", "--parent-pid", str(node.pid)])
+            "--isolation", "process", "--port", str(runtime), "--node-config", node_config])
+        # the site's executor; it exits by itself when the SuperNode does (--parent-pid)
+        self.start(f"{site}-worker", [sys.executable, "-m", "client.worker", "--runtime-api-address",
+                                      f"127.0.0.1:{runtime}", "--insecure", "--parent-pid", str(node.pid),
+                                      *([] if self.warm else ["--fresh"])])
         return node
 
     def start_all(self) -> None:
@@ -149,10 +150,10 @@ class Loopback:
             wait_for(lambda: all("ready" in self.log(f"{s}-worker") for s in sites), timeout,
                      "the ClientApp workers to import the ClientApp")
 
-    def run(self, overrides: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-        """`flwr run` of this repository's app with these run-config overrides."""
+    def run(self, overrides: dict, timeout: float = 120, app: Path = REPO) -> subprocess.CompletedProcess:
+        """`flwr run` of the app in `app` (this repository's) with these run-config overrides."""
         text = " ".join(f'{k}="{v}"' if isinstance(v, (str, Path)) else f"{k}={v}" for k, v in overrides.items())
-        return self.flwr("run", str(REPO), "ecgtwin", "--run-config", text, timeout=timeout)
+        return self.flwr("run", str(app), "ecgtwin", "--run-config", text, timeout=timeout)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> int:
         """Signal one process (not its group): what a crash of that process alone looks like."""

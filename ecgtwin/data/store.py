@@ -5,6 +5,8 @@ Layout of STORE/ (written atomically: a new store replaces the old one only when
     signals.npy     float32 (n_records, 12, n_samples), rows sorted by patient then time
     records.csv     one row per signal: record_id, patient_id, recording_time, age, sex, report, labels, ...
     rejected.csv    every record that was refused: source file, reason code, message
+    ledger-marker.json  (written by the site's ledger, not here) which ledger accounts this store's budget:
+                    kept when the store is prepared again, so a re-prepared store never starts a new budget
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from ecgtwin.errors import UserError, MissingInput
 
 if TYPE_CHECKING:
     import torch
+
+LEDGER_MARKER = "ledger-marker.json"
+KEPT_ON_REPREPARE = (LEDGER_MARKER,)  # a store's files that outlive its data
 
 FORMAT_VERSION = 1
 RECORD_COLUMNS = (
@@ -108,6 +113,9 @@ class StoreWriter:
     def _swap_into_place(self) -> None:
         old = None
         if self.out.exists():
+            for name in KEPT_ON_REPREPARE:
+                if (self.out / name).is_file():
+                    shutil.copy2(self.out / name, self._staging / name)
             old = self.out.with_name(f".{self.out.name}.old-{self._staging.name}")
             self.out.rename(old)
         self._staging.rename(self.out)

@@ -3,7 +3,7 @@ the membership-inference audit. The unit of privacy is the patient; see docs/pri
 
 from ecgtwin.privacy.ledger import BudgetExceeded, Ledger, epsilon_of
 from ecgtwin.privacy.plan import PlanError, StageBudget, plan_budget, stage_noise
-from ecgtwin.privacy.policy import PrivacyPolicy, StagePlan, ledger_path, load_policy
+from ecgtwin.privacy.policy import PrivacyPolicy, StagePlan, load_policy
 
 __all__ = ["BudgetExceeded", "Ledger", "epsilon_of", "PlanError", "StageBudget", "plan_budget", "stage_noise",
-           "PrivacyPolicy", "StagePlan", "ledger_path", "load_policy"]
+           "PrivacyPolicy", "StagePlan", "load_policy"]

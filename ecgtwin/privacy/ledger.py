@@ -9,6 +9,12 @@ A pass is charged BEFORE it trains. A pass that would exceed the budget is refus
 left untouched. A pass with a `key` (the site's (run, stage, round, received weights)) is charged once:
 a retry of a pass that died before producing output re-uses its entry (nothing was released).
 
+The pass secret: the noise of a keyed pass comes from the site's secret (SECRET, beside the ledger, made
+once from the operating system's entropy) and the pass key. A retry of a charged pass (after a crash, from
+a second state folder, after its stored reply was deleted) therefore draws the very same noise and
+releases the same bytes: the charge it re-uses covers it. Each keyed entry records the secret's
+fingerprint, so a lost or replaced secret is refused rather than re-used with fresh noise.
+
 Tamper evidence: every entry carries the sha256 of the previous line (a hash chain), and a ledger bound
 to a store keeps a marker in the store (STORE/ledger-marker.json: the ledger's path, its number of
 entries and the hash of its last line). A missing, truncated or edited ledger is then refused instead
@@ -21,6 +27,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -29,6 +36,7 @@ from pathlib import Path
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from ecgtwin.data.store import LEDGER_MARKER
 from ecgtwin.privacy.policy import PrivacyPolicy
 from ecgtwin.errors import UserError
 
@@ -51,7 +59,8 @@ def epsilon_of(history: list[Mechanism], delta: float, accountant: str = "prv") 
         return float(acc.get_epsilon(delta=delta))
 
 
-MARKER = "ledger-marker.json"
+MARKER = LEDGER_MARKER  # in the store (ecgtwin.data.store keeps it across a re-prepare)
+SECRET = "site-secret.key"  # beside the ledger: 32 bytes of OS entropy, never sent, never logged
 
 
 class LedgerDamaged(UserError):
@@ -60,6 +69,11 @@ class LedgerDamaged(UserError):
 
 def _digest(line: str) -> str:
     return hashlib.sha256(line.encode()).hexdigest()
+
+
+def _fingerprint(secret: bytes) -> str:
+    """Names a secret without revealing it (the ledger is read by people who must not hold the secret)."""
+    return hashlib.sha256(b"ecgtwin site secret\0" + secret).hexdigest()[:16]
 
 
 class Ledger:
@@ -74,6 +88,35 @@ class Ledger:
         if marker.is_file():
             return cls(json.loads(marker.read_text())["ledger"], store)
         return cls(default, store)
+
+    def pass_secret(self, key: str) -> bytes:
+        """The secret of the pass `key`: HMAC of the pass key under the site's secret (made on first use).
+        Refused when this key was charged under a secret that is not the one here now."""
+        with self._locked():
+            secret = self._site_secret()
+            for entry in self.entries():
+                if entry.get("key") == key and entry.get("secret", _fingerprint(secret)) != _fingerprint(secret):
+                    raise LedgerDamaged(f"{self.path.with_name(SECRET)}: the site secret is not the one pass {key} "
+                                        "was charged under (lost or replaced); a retry would draw fresh noise "
+                                        "under the old charge, refusing")
+        return hmac.new(secret, key.encode(), hashlib.sha256).digest()
+
+    def _site_secret(self) -> bytes:
+        path = self.path.with_name(SECRET)
+        if not path.is_file():
+            if any(e.get("secret") for e in self.entries()):
+                raise LedgerDamaged(f"{path}: the site secret is missing but the ledger has passes charged under "
+                                    "it; a retry would draw fresh noise under an old charge, refusing")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+                f.flush()
+                os.fsync(f.fileno())
+        secret = path.read_bytes()
+        if len(secret) != 32:
+            raise LedgerDamaged(f"{path}: the site secret is not 32 bytes; refusing to account")
+        return secret
 
     def entries(self) -> list[dict]:
         lines = self._lines()
@@ -148,6 +191,8 @@ class Ledger:
                  "records_per_patient": policy.records_per_patient, "patients": patients, "unit": policy.unit,
                  "population": policy.population,
                  "epsilon": after, "delta": policy.delta, "accountant": policy.accountant, "key": key}
+        if key is not None and self.path.with_name(SECRET).is_file():
+            entry["secret"] = _fingerprint(self.path.with_name(SECRET).read_bytes())
         self._append(entry)
         return entry
 

@@ -152,18 +152,24 @@ class PrivacyPolicy:
             raise UserError(f"{where}: delta {self.delta:g} must be <= {self.max_delta_times_population:g}/patients "
                             f"= {self.max_delta_times_population:g}/{n_patients} = {limit:.3g}")
 
-    def declared_population(self, n_training: int, where: str = "") -> int:
-        """The public patient count a DP pass plans with; refuses a private count above it (delta and the
-        sampling rate are set against the declared count) and a store whose patients are records unless
-        the policy says so."""
+    def public_population(self, where: str = "") -> int:
+        """The public patient count a DP pass plans with (the sampling rate and the reply's weight). Nothing
+        here looks at the private count: a refusal that did would tell the server about it."""
         if self.population is None:
             raise UserError(f"{where}: population: required for DP training: the number of patients the site "
                             "declares publicly (at least its training patients); the sampling rate and the reply's "
                             "weight use it instead of the private count")
-        if n_training > self.population:
-            raise UserError(f"{where}: the store has more training patients than the policy's population "
-                            f"{self.population}; declare a larger population")
         return self.population
+
+    def declared_population(self, n_training: int, where: str = "") -> int:
+        """For the officer's own tools (`ecgtwin privacy plan`, run at the site): the public count, refused
+        when the store has more training patients (delta was set against the declared count). A DP pass does
+        not refuse (see public_population): it warns at the site only."""
+        population = self.public_population(where)
+        if n_training > population:
+            raise UserError(f"{where}: the store has more training patients than the policy's population "
+                            f"{population}; declare a larger population")
+        return population
 
 
 def load_policy(path: str | Path) -> PrivacyPolicy:
@@ -188,8 +194,3 @@ def site_policy(site: str, rounds: tuple[int, ...], local_steps: tuple[int, ...]
 def save_policy(policy: PrivacyPolicy, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(policy), sort_keys=False))
-
-
-def ledger_path(policy_path: str | Path) -> Path:
-    """The site's ledger lives beside its policy: <site dir>/ledger.jsonl."""
-    return Path(policy_path).parent / "ledger.jsonl"

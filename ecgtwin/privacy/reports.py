@@ -10,7 +10,7 @@ from pathlib import Path
 from ecgtwin.config import ExperimentConfig
 from ecgtwin.plot import new_figure
 from ecgtwin.data.store import SiteStore
-from ecgtwin.privacy.ledger import MARKER, Ledger
+from ecgtwin.privacy.ledger import Ledger
 from ecgtwin.privacy.plan import plan_budget
 from ecgtwin.privacy.policy import STAGE_ORDER, load_policy
 from ecgtwin.data.split import training_rows
@@ -80,19 +80,12 @@ def regime(stage: str, noise_on_mean_update: float, table: Path = REGIMES) -> st
     return "degrades"
 
 
-def ledger_report(site: str | Path, figure: Path | None = None) -> dict:
-    """The ledger of site folder `site` (ledger.jsonl beside privacy.yaml) and its plot."""
-    site = Path(site)
-    store = site / "store"
-    if (store / MARKER).is_file():  # the one ledger of the site's store, whichever command trained
-        ledger = Ledger.for_store(store, site / "ledger.jsonl")
-    else:
-        ledger = Ledger(site / "ledger.jsonl" if site.is_dir() else site)
+def ledger_report(ledger: Ledger, policy_file: Path, figure: Path | None = None) -> dict:
+    """The entries of `ledger` (a site's one ledger: ecgtwin.site_folder), the budget of its policy, and its plot."""
     path = ledger.path
     if not path.is_file():
         raise MissingInput(f"{path}: no privacy ledger (nothing trained at this site yet?)")
     entries = ledger.entries()
-    policy_file = site / "privacy.yaml" if (site / "privacy.yaml").is_file() else path.parent / "privacy.yaml"
     budget = load_policy(policy_file).epsilon if policy_file.is_file() else None
     figure = figure or path.with_name("ledger.png")
     plot_ledger(entries, figure, budget)

@@ -179,7 +179,8 @@ def _train_stage_private(stage: str, config: ExperimentConfig, store_path: str |
                          policy_path: Path, steps: int | None, progress: bool, foundation: str | Path | None,
                          device: torch.device | str) -> dict:
     from ecgtwin.conditioning import PatientInfoNormalizer
-    from ecgtwin.privacy import Ledger, ledger_path, load_policy
+    from ecgtwin.privacy import load_policy
+    from ecgtwin.site_folder import SiteFolder
     from ecgtwin.train.private import private_pass
 
     policy = load_policy(policy_path)
@@ -193,7 +194,8 @@ def _train_stage_private(stage: str, config: ExperimentConfig, store_path: str |
         checkpoint.save_arrays(stage, start_from)
     if not (checkpoint.path / NORMALIZER_FILE).is_file():  # fixed population statistics (see local.py)
         checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
-    ledger, cache = Ledger.for_store(store.path, ledger_path(policy_path)), Path(policy_path).parent / "cache"
+    folder = SiteFolder.of(store.path, policy_path)  # the site's one ledger, whichever command trains
+    ledger, cache = folder.ledger(), folder.cache
     weights = {s: checkpoint.load_arrays(s) for s in STAGES[: STAGES.index(stage) + 1] if checkpoint.has(s)}
     summaries = []
     for rnd in range(1, plan.rounds + 1):

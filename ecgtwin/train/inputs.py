@@ -87,15 +87,19 @@ class IBEInputs:
     by_patient: dict[str, list[int]]  # patient -> indices into `pairs`
 
 
-def ibe_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, conditioner: Conditioner) -> IBEInputs:
+def ibe_inputs(store: SiteStore, rows: np.ndarray, vae: ECGVAE, conditioner: Conditioner,
+               minimum_pairs: int = 2) -> IBEInputs:
+    """Latents, conditions and the (earlier, later) pairs of the rows. Fewer than `minimum_pairs` pairs is
+    refused; a DP pass asks for 0 (a refusal there would depend on the private data: with no pair each step
+    is noise only, with one the pair is contrasted with public negatives)."""
     latents = encode_latents(vae, store, rows)
     conditions = store_conditions(store.records.iloc[rows], conditioner).to(latents.device)
     local = {row: i for i, row in enumerate(rows)}
     pairs = earlier_later_pairs(store, rows)
-    if len(pairs) < 2:
+    if len(pairs) < minimum_pairs:
         raise UserError(f"{store.path}: the IBE needs at least two patients with two or more ECGs, "
                         f"found {len(pairs)} pairs")
-    pairs = np.vectorize(local.get)(pairs)
+    pairs = np.array([[local[a], local[b]] for a, b in pairs], dtype=int).reshape(-1, 2)
     patient_of = store.records.patient_id.to_numpy()[rows]
     by_patient: dict[str, list[int]] = {}
     for k, (a, _) in enumerate(pairs):

@@ -69,11 +69,16 @@ class PrivateStage:
     one_row_per_unit: bool  # ghost clipping needs it (one forward, one row per patient)
 
 
-def pass_randomness(policy: PrivacyPolicy, stage: str, round: int) -> PatientRandomness:
-    """The pass's secret key: fresh OS entropy, or (tests only, see PrivacyPolicy.seed) from the seed."""
-    if policy.seed is None:
-        return PatientRandomness.fresh()
-    return PatientRandomness.from_seed(policy.seed, policy.site, stage, round)
+def pass_randomness(policy: PrivacyPolicy, stage: str, round: int, ledger: Ledger | None = None,
+                    key: str | None = None) -> PatientRandomness:
+    """The pass's secret key. A keyed pass (a federated round): from the site's secret and the pass key, so a
+    retry that re-uses the pass's charge draws the same noise (ecgtwin.privacy.ledger); an unkeyed one: fresh
+    OS entropy; tests only (see PrivacyPolicy.seed): from the seed."""
+    if policy.seed is not None:
+        return PatientRandomness.from_seed(policy.seed, policy.site, stage, round)
+    if key is not None and ledger is not None:
+        return PatientRandomness(ledger.pass_secret(key))
+    return PatientRandomness.fresh()
 
 
 def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights: StageWeights,
@@ -97,10 +102,13 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                         "patient), so patient-level DP would be record-level DP; set unit: record in the policy "
                         "to train with that weaker guarantee")
     rows = pass_rows(store, config, patients)
-    rand = pass_randomness(policy, stage, round)
+    rand = pass_randomness(policy, stage, round, ledger, charge_key)
     built = _BUILDERS[stage](config, store, rows, weights, policy, rand, cache_dir, torch.device(device))
     n = len(set(store.records.patient_id.to_numpy()[rows]))
-    population = policy.declared_population(n, where)
+    population = policy.public_population(where)
+    if n > population:  # a utility and delta matter for the officer; refusing would leak n to the server
+        warnings.warn(f"{where}: the store has more training patients than the policy's population {population} "
+                      "(delta was set against it); training with the declared count, declare a larger one")
     # q = batch / the PUBLIC population, the same in every stage (the plan assumes it); a patient with
     # nothing to contribute here (no pair, for the IBE) is a unit with zero gradient
     q, sigma = stage_noise(policy, stage, population, where=where,
@@ -139,7 +147,7 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                "first_loss": finite[0] if finite else float("nan"),
                "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
                "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
-               "unit": policy.unit, "grad_sample_mode": mode,
+               "unit": policy.unit, "grad_sample_mode": mode, "population_exceeded": n > population,
                "seconds": float(np.round(time.perf_counter() - started, 2))}
     return PassResult(stage, module_weights(built.module), summary, log, entry)
 
@@ -188,30 +196,41 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
                 p.grad = torch.zeros_like(p)
         optimizer.step()
 
+    def ghost_backward(picks: list[Unit], index: int) -> tuple[torch.Tensor | None, int]:
+        """Ghost clipping sums the patients inside the backward, where one non-finite loss or gradient would
+        poison the sum: patients with a non-finite loss are found first (no hooks, no graph), then those whose
+        gradient norm is not finite (a finite loss can have one) after the norm pass; each time the pass is
+        computed again without them (a patient's gradient does not depend on the others). Returns the losses
+        it used (None if nobody is left) and how many patients it dropped."""
+        gsm.disable_hooks()
+        with torch.no_grad():
+            probe, _ = built.unit_loss(picks, index)  # ghost: fp32 only (checked above)
+        gsm.enable_hooks()
+        keep = [p for p, ok in zip(picks, torch.isfinite(probe).tolist()) if ok]
+        while keep:
+            losses, _ = built.unit_loss(keep, index)
+            losses.sum().backward(retain_graph=True)  # first pass: per-patient norms only
+            optimizer.zero_grad()
+            finite = torch.isfinite(gsm.get_norm_sample()).tolist()
+            if all(finite):
+                coeff = gsm.get_clipping_coef()
+                gsm.disable_hooks()
+                (coeff.detach() * losses).sum().backward()  # second pass: the clipped sum
+                gsm.enable_hooks()
+                return losses, len(picks) - len(keep)
+            keep = [p for p, ok in zip(keep, finite) if ok]
+        return None, len(picks)
+
     def step(picks: list[Unit], index: int) -> tuple[float, int]:
         optimizer.zero_grad(set_to_none=True)
         if not picks:
             noise_only()
             return float("nan"), 0
         if mode == "ghost":
-            # ghost clipping sums the rows inside the backward, where one non-finite row would poison the sum:
-            # find such patients first (no hooks, no graph), then train on the others only
-            gsm.disable_hooks()
-            with torch.no_grad():
-                probe, _ = built.unit_loss(picks, index)  # ghost: fp32 only (checked above)
-            gsm.enable_hooks()
-            keep = [p for p, ok in zip(picks, torch.isfinite(probe).tolist()) if ok]
-            dropped = len(picks) - len(keep)
-            if not keep:
+            losses, dropped = ghost_backward(picks, index)
+            if losses is None:
                 noise_only()
                 return float("nan"), dropped
-            losses, _ = built.unit_loss(keep, index)
-            losses.sum().backward(retain_graph=True)  # first pass: per-patient norms only
-            optimizer.zero_grad()
-            coeff = gsm.get_clipping_coef()
-            gsm.disable_hooks()
-            (coeff.detach() * losses).sum().backward()  # second pass: the clipped sum
-            gsm.enable_hooks()
         else:
             with autocast(device, precision):
                 losses, row_unit = built.unit_loss(picks, index)
@@ -333,7 +352,7 @@ def _ibe(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: 
          device: torch.device = CPU) -> PrivateStage:
     (vae,) = frozen_stages("ibe", config, weights, device)
     conditioner = population_conditioner(config, cache_dir)
-    inputs = stage_inputs.ibe_inputs(store, rows, vae, conditioner)
+    inputs = stage_inputs.ibe_inputs(store, rows, vae, conditioner, minimum_pairs=0)  # no count-based refusal
     pub_latents, pub_conditions = public_negatives(config, vae, conditioner,
                                                    cache_dir / "public-negatives" if cache_dir else None)
     pub_latents, pub_conditions = pub_latents.to(device), pub_conditions.to(device)
