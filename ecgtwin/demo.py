@@ -10,7 +10,7 @@ and the twin model are fine-tuned with DP-SGD at every site (only their noisy we
 leave a site). Then, at one site, it generates twins of a few of its patients under new conditions (one of
 them unseen in the public data), measures them, and writes a report with pictures.
 
-    OUT/sites/<site>/{store, privacy.yaml, ledger.jsonl, state/}   each hospital's side
+    OUT/sites/<site>/{store, privacy.yaml, state/ledger.jsonl}   each hospital's side
     OUT/federation/{metrics.jsonl, metrics.png, state.npz, model/, simulation.log}   the coordinator's side
     OUT/fine-tune.yaml   the experiment the sites ran (demo.yaml with the fine-tuning settings)
     OUT/twins/, OUT/figures/, OUT/report.md, OUT/report.json

@@ -2,8 +2,8 @@
 
 A `Site` is opened from the SuperNode's node config: `data-path` (the site store), `policy-path` (the
 site's privacy policy, written by its privacy officer) and optionally `state-path` (a writable folder for
-the noise-plan cache, the kept replies and the working checkpoint; default: POLICY_DIR/state). The
-privacy ledger is always the one beside the policy (ecgtwin.site_folder), whatever the state folder.
+the privacy ledger, the noise-plan cache, the kept replies and the working checkpoint; default:
+POLICY_DIR/state). A store already charged is accounted in the ledger it names (ecgtwin.site_folder).
 
 `Site.train` receives the global weights of the stage being trained and of the frozen earlier stages,
 hands them as values to ONE local pass with the site's own steps and noise (from its policy; the server

@@ -1,17 +1,19 @@
 """A site folder: where one hospital keeps its data, its privacy policy, its ledger and its working state.
 
     SITE/store/            the prepared site store (`ecgtwin prepare`)
-    SITE/privacy.yaml      the privacy officer's policy
-    SITE/ledger.jsonl      the site's ONE privacy ledger, beside the policy it spends (and site-secret.key,
-                           the secret its passes' noise comes from): re-preparing the store, another state
-                           folder or another command never starts a second one
-    SITE/state/            working state, none of it sent: cache/ (noise plan, statement embeddings, public
-                           negatives), passes/<key>/ (every reply a pass made, kept before it is sent),
-                           checkpoint/ (the weights the site had and made), errors.log
+    SITE/privacy.yaml      the privacy officer's policy (may be read-only)
+    SITE/state/            the site's writable state, none of it sent:
+        ledger.jsonl       the site's privacy ledger, and site-secret.key (the secret its passes' noise
+                           comes from)
+        cache/             noise plan, statement embeddings, public negatives
+        passes/<key>/      every outcome of a federated pass, kept before it is sent
+        checkpoint/        the weights the site had and made
+        errors.log         the text of every failure (the server only gets a category)
 
-Every command that trains or reports on a site opens it through this one object, so no two of them can
-disagree about where the budget is accounted. A store that names its ledger (its ledger-marker.json, kept
-when the store is re-prepared) is accounted there, wherever that is.
+The state folder is POLICY_DIR/state unless a SuperNode's node config names another (state-path). Every
+command that trains or reports on a site opens it through this one object, and a store is accounted in
+the ledger its marker names (ledger-marker.json, written at the first charge and kept when the store is
+prepared again): another state folder, another command or a re-prepared store never starts a new budget.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ class SiteFolder:
 
     @property
     def ledger_file(self) -> Path:
-        return self.policy.parent / LEDGER_FILE
+        return self.state / LEDGER_FILE
 
     def ledger(self) -> Ledger:
-        """The site's one ledger: the one its store names, else the one beside the policy."""
+        """The site's one ledger: the one its store names, else a new one in the state folder."""
         return Ledger.for_store(self.store, self.ledger_file)
 
     @property

@@ -119,7 +119,7 @@ def test_site_trains_with_its_own_steps_and_refuses_beyond_its_budget(consortium
     assert metrics["num-examples"] == 8
     assert {k: v.shape for k, v in new.items()} == model_shapes("vae", config)
     assert any(not np.array_equal(new[k], v) for k, v in initial_weights("vae", config).items())
-    ledger = Ledger(sites / "site_a" / "ledger.jsonl")
+    ledger = Ledger(sites / "site_a" / "state" / "ledger.jsonl")
     assert [(e["stage"], e["round"], e["steps"], e["run"]) for e in ledger.entries()] == [("vae", 1, 2, "run-1")]
 
     # the privacy officer lowers the budget to what is spent: the next round is refused, nothing is charged
@@ -139,7 +139,7 @@ def test_site_trains_with_its_own_steps_and_refuses_beyond_its_budget(consortium
     new, _, refusal = open_site(sites, "site_b").train("twin", 1, "run-1", config_text(config),
                                                        global_weights(config, "twin"))
     assert new is None and "plans no rounds for stage twin" in refusal
-    assert not (sites / "site_b" / "ledger.jsonl").exists()
+    assert not (sites / "site_b" / "state" / "ledger.jsonl").exists()
 
 
 def test_reply_allowlist(consortium):
@@ -222,11 +222,11 @@ def test_client_messages_carry_only_weights_and_allowlisted_metrics(consortium, 
         assert reply.content["metrics"]["num-examples"] > 0 and "epsilon" in reply.content["metrics"]
         weights[stage] = unpack(reply.content["arrays"][FLAT].numpy(), trainable_shapes(stage, config))
     # a refusal carries no arrays at all, only the flag and the reason
-    spent = Ledger(sites / "site_a" / "ledger.jsonl").entries()[-1]["epsilon"]
+    spent = Ledger(sites / "site_a" / "state" / "ledger.jsonl").entries()[-1]["epsilon"]
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(policy(site="site_a", epsilon=spent * 1.001)))
     again = app(message, context)  # the same request again: the stored output, at no cost
     assert again.content["metrics"]["epsilon"] == reply.content["metrics"]["epsilon"]
-    assert Ledger(sites / "site_a" / "ledger.jsonl").entries()[-1]["epsilon"] == spent
+    assert Ledger(sites / "site_a" / "state" / "ledger.jsonl").entries()[-1]["epsilon"] == spent
     content["config"] = ConfigRecord({"stage": "twin", "round": 2, "run-id": "t", "config-yaml": config_text(config)})
     reply = app(Message(content, dst_node_id=7, message_type="train"), context)  # a new round: refused
     assert len(reply.content.array_records) == 0
@@ -299,7 +299,7 @@ def run_config(consortium, out: Path, **overrides) -> dict:
 
 
 def ledger_rounds(sites: Path, site: str) -> list[tuple[str, int]]:
-    return [(e["stage"], e["round"]) for e in Ledger(sites / site / "ledger.jsonl").entries()]
+    return [(e["stage"], e["round"]) for e in Ledger(sites / site / "state" / "ledger.jsonl").entries()]
 
 
 def test_refusals_are_dropped_and_too_few_sites_stop_the_run(consortium, sites, tmp_path, flower_identity):
@@ -414,7 +414,7 @@ def test_simulation_end_to_end(consortium, sites, tmp_path):
     work = sites / "site_a" / "state" / "checkpoint"
     assert list(work.glob("dp_*_loss.jsonl"))  # the site's own logs exist ...
     site_card = export_model(work, tmp_path / "site_bundle", sites / "site_a" / "privacy.yaml",
-                             sites / "site_a" / "ledger.jsonl")
+                             sites / "site_a" / "state" / "ledger.jsonl")
     assert not list((tmp_path / "site_bundle").glob("*.jsonl"))  # ... and stay at the site
     assert site_card["privacy"]["epsilon_spent"] == pytest.approx(open_site(sites, "site_a").spent())
     import hashlib
@@ -525,15 +525,16 @@ def test_a_deleted_or_edited_ledger_is_refused_not_restarted(consortium, sites):
 
 
 def test_every_command_that_trains_a_store_uses_its_one_ledger(consortium, sites, tmp_path):
-    """A federation round (its state folder elsewhere), then the store prepared again from its records,
-    then `ecgtwin train --policy SITE/privacy.yaml`: one ledger, SITE/ledger.jsonl, holds both charges, the
-    re-prepared store still names it, and `privacy ledger` reads it. Re-preparing never resets the budget."""
+    """A federation round whose SuperNode keeps its state elsewhere, then the store prepared again from its
+    records, then `ecgtwin train --policy SITE/privacy.yaml` (whose own default would be SITE/state): one
+    ledger holds both charges, the re-prepared store still names it, and `privacy ledger` reads it.
+    Re-preparing never resets the budget."""
     from ecgtwin.cli import main
 
     config = consortium["config"]
     site = Site(sites / "site_a" / "store", sites / "site_a" / "privacy.yaml", tmp_path / "elsewhere")
     new, _, refusal = site.train("vae", 1, "run-1", config_text(config), global_weights(config, "vae"))
-    assert refusal is None and site.ledger.path == (sites / "site_a" / "ledger.jsonl")
+    assert refusal is None and site.ledger.path == tmp_path / "elsewhere" / "ledger.jsonl"
     spent = site.spent()
     prepare_store("synthetic", consortium["root"] / "raw" / "site_a", sites / "site_a" / "store",
                   config=PreprocessConfig(n_samples=N_SAMPLES), progress=False)
@@ -544,8 +545,9 @@ def test_every_command_that_trains_a_store_uses_its_one_ledger(consortium, sites
     assert main(["train", "--config", str(config_path), "--stage", "vae", "--store", str(sites / "site_a" / "store"),
                  "--out", str(tmp_path / "ckpt"), "--policy", str(sites / "site_a" / "privacy.yaml"),
                  "--no-progress", "--json"]) == 0
-    assert not (sites / "site_a" / "state" / "ledger.jsonl").exists() and not (tmp_path / "elsewhere" / "ledger.jsonl").exists()
-    assert len(open_site(sites, "site_a").ledger.entries()) == 2 and open_site(sites, "site_a").spent() > spent
+    assert not (sites / "site_a" / "state" / "ledger.jsonl").exists() and not (sites / "site_a" / "ledger.jsonl").exists()
+    assert open_site(sites, "site_a").ledger.path == site.ledger.path
+    assert len(site.ledger.entries()) == 2 and open_site(sites, "site_a").spent() > spent
     assert main(["privacy", "ledger", "--site", str(sites / "site_a"), "--json"]) == 0
 
 
@@ -575,7 +577,7 @@ def test_a_retried_pass_releases_the_same_bytes(consortium, sites, tmp_path):
     other, _, _ = open_site(sites, "site_a").train("vae", 1, "run-2", *request[3:])  # another pass: other noise
     assert any(not np.array_equal(first[k], other[k]) for k in first)
 
-    (sites / "site_a" / "site-secret.key").unlink()
+    (sites / "site_a" / "state" / "site-secret.key").unlink()
     shutil.rmtree(sites / "site_a" / "state" / "passes")
     new, _, refusal = open_site(sites, "site_a").train(*request)
     assert new is None and "ledger is missing, truncated or edited" in refusal
@@ -651,7 +653,7 @@ def test_a_pass_killed_mid_round_is_retried_without_a_second_charge(consortium, 
     slow = policy(site="site_a", epsilon=1e4)
     slow["stages"]["vae"]["local_steps"] = 400  # long enough to be killed in the middle
     (sites / "site_a" / "privacy.yaml").write_text(yaml.safe_dump(slow))
-    ledger_file = sites / "site_a" / "ledger.jsonl"
+    ledger_file = sites / "site_a" / "state" / "ledger.jsonl"
     child = subprocess.Popen([sys.executable, "-c", CRASHING_PASS, str(sites), str(consortium["config_path"]),
                               str(tmp_path / "never.npz")], cwd=ROOT, env=flower_env(tmp_path / "flwr"))
     deadline = time.monotonic() + 240

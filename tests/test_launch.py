@@ -134,7 +134,7 @@ def test_kill_9_of_federate_leaves_no_orphan_simulation_or_ray(tmp_path: Path) -
     env = {**os.environ, MARK: token, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
            "ECGTWIN_ALLOW_TEST_SEED": "1"}
     ecgtwin = Path(sys.executable).parent / "ecgtwin"
-    ledgers = [sites / site / "ledger.jsonl" for site in ("site_a", "site_b")]
+    ledgers = [sites / site / "state" / "ledger.jsonl" for site in ("site_a", "site_b")]
     with (tmp_path / "federate.out").open("w") as output:
         federate = subprocess.Popen([str(ecgtwin), "federate", "--config", str(config), "--sites-root", str(sites),
                                      "--out", str(out), "--no-progress"], env=env, stdout=output,

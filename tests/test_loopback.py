@@ -38,7 +38,7 @@ def history(out: Path) -> list[dict]:
 
 
 def ledger(sites: Path, site: str) -> list[tuple]:
-    return [(e["stage"], e["round"], e["run"]) for e in Ledger(sites / site / "ledger.jsonl").entries()]
+    return [(e["stage"], e["round"], e["run"]) for e in Ledger(sites / site / "state" / "ledger.jsonl").entries()]
 
 
 def run_overrides(consortium, out: Path, name: str, **more) -> dict:

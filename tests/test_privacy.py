@@ -441,7 +441,7 @@ def test_cli_train_with_policy_and_ledger(store, tmp_path, capsys):
     assert main(["privacy", "ledger", "--site", str(site)]) == 0
     out = capsys.readouterr().out
     assert out.count("vae round") == 2 and "epsilon=3.0" in out.replace("epsilon=2.99", "epsilon=3.0")
-    assert (site / "ledger.png").stat().st_size > 10_000
+    assert (site / "state" / "ledger.png").stat().st_size > 10_000
     assert main(args) == 1  # the budget is spent: refused with the figures
     assert "privacy budget refused: spent epsilon" in capsys.readouterr().err
 
