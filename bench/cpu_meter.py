@@ -14,7 +14,7 @@ import os
 import threading
 import uuid
 
-from ecgtwin.coordinator import procfs
+from ecgtwin.supervise import procfs
 
 MARK = "ECGTWIN_CPU_METER"
 

@@ -1,5 +1,5 @@
 """Round overhead of a real deployment on loopback: a TLS SuperLink with SuperNode authentication and 3 or
-10 SuperNodes (ecgtwin.coordinator.loopback), warm ClientApp workers against a fresh
+10 SuperNodes (ecgtwin.supervise.loopback), warm ClientApp workers against a fresh
 process per message.
 
     python -m bench.deployment --sites 3 10 --out bench-results/deployment.json [--record]
@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ecgtwin.coordinator.loopback import Loopback
+from ecgtwin.supervise.loopback import Loopback
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.privacy.policy import save_policy, site_policy

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ecgtwin.config import load_config
 from ecgtwin.coordinator.launch import simulate
+from ecgtwin.coordinator.settings import simulation_settings
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.privacy.policy import save_policy, site_policy
@@ -44,8 +45,8 @@ def _one(n: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         sites = _site_dirs(root, n)
-        run_config = {"config": str(CONFIG), "out": str(root / "run"), "sites-root": str(sites), "run-name": "bench",
-                      "min-nodes": n, "node-wait": 600.0, "rounds-vae": ROUNDS, "rounds-ibe": 0, "rounds-twin": 0}
+        run_config = simulation_settings(CONFIG, root / "run", sites, {"vae": ROUNDS}, run_name="bench",
+                                         min_nodes=n, node_wait=600.0).to_run_config()
         started = time.perf_counter()
         status = simulate(run_config, root / "simulation.log")
         wall = time.perf_counter() - started

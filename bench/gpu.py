@@ -107,7 +107,7 @@ def generation(checkpoint: Path, store: Path, device: torch.device, n: int, prec
 def run(device: torch.device, configs: list[str], batch: int, steps: int, twins: int,
         precisions: list[str] = ("fp32",), compile: bool = False) -> dict:
     from ecgtwin.checkpoint import Checkpoint
-    from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
+    from ecgtwin.conditioning import ensure_population_normalizer
     from ecgtwin.data.preprocess import PreprocessConfig
     from ecgtwin.models import paper_config
     from ecgtwin.weights import initial_weights
@@ -132,7 +132,7 @@ def run(device: torch.device, configs: list[str], batch: int, steps: int, twins:
         config.model = paper_config()
         checkpoint = Checkpoint(root / "paper-model")
         checkpoint.save_config(config)
-        checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+        ensure_population_normalizer(checkpoint.path)
         for stage in STAGES:
             checkpoint.save_arrays(stage, initial_weights(stage, config))
         for precision in precisions:

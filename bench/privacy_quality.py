@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer, load_conditioner, store_conditions
+from ecgtwin.conditioning import ensure_population_normalizer, load_conditioner, store_conditions
 from ecgtwin.config import STAGES, load_config
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.split import split_patients, training_rows
@@ -65,7 +65,7 @@ def _copy_base(root: Path, name: str) -> Path:
     folder.mkdir()
     for f in ("vae.safetensors", "config.yaml"):
         (folder / f).write_bytes((root / "base" / f).read_bytes())
-    Checkpoint(folder).write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+    ensure_population_normalizer(folder)
     return folder
 
 

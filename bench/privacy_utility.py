@@ -70,6 +70,7 @@ class Row:
     data: str = "synthetic"  # synthetic (the consortium at patients_per_site) | ptbxl (../shared/data/ptbxl)
     eval_patients: int | None = None  # twins of N held-out patients, a seeded draw (the same N in a size's rows)
     guidance: float = GUIDANCE_CONDITION  # condition guidance of the evaluation's twins (generation only)
+    local_steps: tuple[int, int] | None = None  # the IBE's and the twin stage's local steps per round (default: plan())
 
     @property
     def name(self) -> str:
@@ -86,6 +87,8 @@ class Row:
             suffix += f"-b{self.batch_patients}"
         if self.finetune_lr != Row.finetune_lr:
             suffix += f"-lr{self.finetune_lr:g}"
+        if self.local_steps is not None:
+            suffix += f"-s{self.local_steps[0]}x{self.local_steps[1]}"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -94,7 +97,14 @@ class Row:
 
     def plan(self) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple]:
         """(rounds, local steps, budget fractions) per stage: the demo's fine-tuning schedule; the VAE
-        trained as well where it is not frozen (the same steps in every row of a kind)."""
+        trained as well where it is not frozen (the same steps in every row of a kind); `local_steps`
+        replaces the IBE's and the twin stage's (few large steps: the batch lever)."""
+        rounds, steps, fractions = self._default_plan()
+        if self.local_steps is not None:
+            steps = (steps[0], *self.local_steps)
+        return rounds, steps, fractions
+
+    def _default_plan(self) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple]:
         if self.start == "scratch":
             return (2, 1, 2), (100, 40, 120), (0.3, 0.2, 0.5)
         if self.vae == "dp":
@@ -400,6 +410,9 @@ def main() -> None:
                         help="expected patients per DP step (default 32; PTB-XL 8)")
     parser.add_argument("--eval-patients", type=int, default=None,
                         help="twins of N held-out patients, a seeded draw (use the same N for every row of a size)")
+    parser.add_argument("--local-steps", type=lambda t: tuple(int(x) for x in t.split(",")), default=None,
+                        metavar="IBE,TWIN", help="local steps per round of the IBE and the twin stage (default: "
+                        "the plan's 40,120)")
     parser.add_argument("--finetune-lr", type=float, default=Row.finetune_lr,
                         help=f"learning rate of the fine-tuned stages (default {Row.finetune_lr:g})")
     parser.add_argument("--guidance", type=float, default=GUIDANCE_CONDITION,
@@ -426,7 +439,8 @@ def main() -> None:
               start=args.start,
               vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
               foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data,
-              eval_patients=args.eval_patients, guidance=args.guidance, finetune_lr=args.finetune_lr)
+              eval_patients=args.eval_patients, guidance=args.guidance, finetune_lr=args.finetune_lr,
+              local_steps=args.local_steps)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

@@ -108,6 +108,7 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
     """Flower simulation over site folders (ecgtwin.coordinator.launch.simulate, as `ecgtwin federate`), with
     the experiment `config` (default: the demo's at this scale) and from `foundation` if given."""
     from ecgtwin.coordinator.launch import simulate
+    from ecgtwin.coordinator.settings import simulation_settings
 
     model = out / "federation" / "model"
     if (model / "twin.safetensors").is_file():
@@ -127,13 +128,10 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
     config_path = config or out / "config.yaml"
     if config is None:
         save_config(experiment_config(scale), config_path)
-    run_config = {"config": str(config_path.resolve()), "out": str((out / "federation").resolve()),
-                  "sites-root": str(sites_root.resolve()), "run-name": out.name, "strategy": strategy,
-                  "proximal-mu": PROXIMAL_MU,
-                  "min-nodes": min(2, scale.sites), "node-wait": 120.0,
-                  "foundation": str(Path(foundation).resolve()) if foundation else "",
-                  **{f"rounds-{s}": r for s, r in zip(STAGES, scale.rounds)}}
-    status = simulate(run_config, out / "federation" / "simulation.log")
+    settings = simulation_settings(config_path, out / "federation", sites_root, scale.rounds, foundation,
+                                   run_name=out.name, strategy=strategy, proximal_mu=PROXIMAL_MU,
+                                   min_nodes=min(2, scale.sites))
+    status = simulate(settings.to_run_config(), out / "federation" / "simulation.log")
     if status.get("status") != "finished":
         raise RuntimeError(f"federated training failed: {status.get('message')} (log: {out / 'federation'})")
     return model

@@ -13,7 +13,7 @@ It also saves time: ours imports torch, Opacus, NeuroKit2 and the sentence encod
     python -m client.worker --runtime-api-address 127.0.0.1:9094 --insecure --parent-pid <supernode pid>
 
 When the SuperNode (--parent-pid) ends, the worker stops its children and exits
-(ecgtwin.coordinator.watchdog); a child also dies with the worker itself.
+(ecgtwin.supervise.watchdog); a child also dies with the worker itself.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-from ecgtwin.coordinator.watchdog import watch_parent
+from ecgtwin.supervise.watchdog import watch_parent
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -458,6 +458,7 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
 def _run_federate(args: argparse.Namespace) -> dict:
     from ecgtwin.config import STAGES, load_config
     from ecgtwin.coordinator.launch import simulate
+    from ecgtwin.coordinator.settings import simulation_settings
 
     load_config(args.config)  # a bad config fails here with one clear line
     rounds = {}
@@ -466,15 +467,14 @@ def _run_federate(args: argparse.Namespace) -> dict:
         stage, _, value = part.partition("=")
         if stage.strip() not in STAGES or not value.strip().isdigit():
             raise UserError(f"--rounds: expected e.g. vae=2,ibe=1,twin=3, got {spec!r}")
-        rounds[f"rounds-{stage.strip()}"] = int(value)
+        rounds[stage.strip()] = int(value)
     if not any(args.sites_root.glob("*/privacy.yaml")):
         raise MissingInput(f"{args.sites_root}: no <site>/privacy.yaml found")
     out = args.out.resolve()
-    run_config = {"config": str(args.config.resolve()), "out": str(out), "sites-root": str(args.sites_root.resolve()),
-                  "strategy": args.strategy, "min-nodes": args.min_nodes, "run-name": args.run_name,
-                  "rounds-vae": 0, "rounds-ibe": 0, "rounds-twin": 0, **rounds,
-                  "foundation": str(args.foundation.resolve()) if args.foundation else ""}
-    status = simulate(run_config, out / "simulation.log", progress=not args.no_progress, timeout=args.timeout)
+    settings = simulation_settings(args.config, out, args.sites_root, rounds, args.foundation,
+                                   strategy=args.strategy, min_nodes=args.min_nodes, run_name=args.run_name)
+    status = simulate(settings.to_run_config(), out / "simulation.log", progress=not args.no_progress,
+                      timeout=args.timeout)
     if status.get("status") != "finished":
         raise UserError(f"federation failed: {status.get('message')} (log: {out / 'simulation.log'})")
     lines = (out / "metrics.jsonl").read_text().splitlines()

@@ -148,6 +148,15 @@ def fit_normalizer(records: pd.DataFrame) -> PatientInfoNormalizer:
                                      records["age"].replace("", np.nan).astype(float).to_numpy())
 
 
+def ensure_population_normalizer(folder: str | Path) -> None:
+    """Give checkpoint folder `folder` the fixed population statistics unless it has statistics already:
+    federated, private and foundation models use these, never statistics of a site's patients."""
+    path = Path(folder) / NORMALIZER_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(PatientInfoNormalizer().to_json())
+
+
 def read_normalizer(folder: Path) -> PatientInfoNormalizer:
     path = Path(folder) / NORMALIZER_FILE
     if not path.is_file():

@@ -138,8 +138,13 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 
 def load_yaml(cls: type[T], path: str | Path, what: str) -> T:
-    """Read YAML file `path` into dataclass `cls`, with errors that name the file."""
+    """Read YAML file `path` into dataclass `cls`, with errors that name the file. A file may name a base
+    file (`base: demo.yaml`, relative to its own folder): it then holds only what differs from it."""
     path = Path(path)
+    return from_dict(cls, _read_with_base(path, what, ()), str(path))
+
+
+def _read_with_base(path: Path, what: str, seen: tuple[Path, ...]) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: {what} does not exist")
     try:
@@ -148,7 +153,23 @@ def load_yaml(cls: type[T], path: str | Path, what: str) -> T:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from exc
     if data is None:
         raise ConfigError(f"{path}: {what} is empty")
-    return from_dict(cls, data, str(path))
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: base: must be the name of a YAML file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: base: {base} names a file that is based on this one (a cycle)")
+    return _merged(_read_with_base(base_path, f"base file of {path}", (*seen, path.resolve())), data)
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """`base` with `override`'s values in place of its own, mapping by mapping (lists are replaced whole)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -28,6 +28,7 @@ import numpy as np
 
 from ecgtwin.config import STAGES, load_config, save_config
 from ecgtwin.coordinator.launch import simulate
+from ecgtwin.coordinator.settings import simulation_settings
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.signal import beat_distance, median_beat
 from ecgtwin.data.store import SiteStore
@@ -148,11 +149,9 @@ def _write_policy(site_dir: Path, site: str, demo: DemoConfig) -> None:
 
 
 def _federate(out: Path, demo: DemoConfig, config_path: Path, progress: bool) -> dict:
-    run_config = {"config": str(config_path.resolve()), "out": str(out.resolve() / "federation"),
-                  "sites-root": str(out.resolve() / "sites"), "run-name": "demo", "strategy": demo.strategy,
-                  "min-nodes": min(2, demo.sites), "node-wait": 120.0, "foundation": str(Path(demo.foundation).resolve()),
-                  **{f"rounds-{s}": r for s, r in zip(STAGES, demo.rounds)}}
-    status = simulate(run_config, out / "federation" / "simulation.log", progress=progress)
+    settings = simulation_settings(config_path, out / "federation", out / "sites", demo.rounds, demo.foundation,
+                                   run_name="demo", strategy=demo.strategy, min_nodes=min(2, demo.sites))
+    status = simulate(settings.to_run_config(), out / "federation" / "simulation.log", progress=progress)
     if status.get("status") != "finished":
         raise RuntimeError(f"federated training failed: {status.get('message')} "
                            f"(log: {out / 'federation' / 'simulation.log'})")

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
+from ecgtwin.conditioning import ensure_population_normalizer
 from ecgtwin.config import STAGES, ExperimentConfig, to_dict
 from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.preprocess import PreprocessConfig
@@ -60,8 +60,7 @@ def pretrain(config: ExperimentConfig, source: str, out: str | Path, root: Path 
     config = dataclasses.replace(config, **{s: dataclasses.replace(config.stage(s), trainable="all") for s in STAGES})
     checkpoint = Checkpoint(out)
     check_or_save_config(checkpoint, config)
-    if not (out / NORMALIZER_FILE).is_file():  # the sites' fixed statistics, not fitted on this corpus
-        checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+    ensure_population_normalizer(out)  # the sites' fixed statistics, not fitted on this corpus
     with tempfile.TemporaryDirectory(prefix="ecgtwin-public-") as tmp:  # the corpus' store is not part of it
         store = public_store(source, root, Path(tmp) / "store", config, patients, records_per_patient, rate, progress)
         stages = {stage: train_stage(stage, config, store.path, out, progress=progress, device=device)

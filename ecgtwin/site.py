@@ -26,7 +26,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ecgtwin.checkpoint import Checkpoint, atomic_write
-from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
+from ecgtwin.conditioning import ensure_population_normalizer
 from ecgtwin.config import STAGES, ExperimentConfig, config_from_text, to_dict
 from ecgtwin.data.store import SiteStore
 from ecgtwin.privacy import BudgetExceeded, PlanError, load_policy
@@ -231,8 +231,7 @@ class Site:
             for name in [*(f"{s}.safetensors" for s in STAGES), "config.yaml"]:
                 (self.work / name).unlink(missing_ok=True)  # weights of another model configuration
         checkpoint.save_config(config)
-        if not (self.work / NORMALIZER_FILE).is_file():
-            checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+        ensure_population_normalizer(self.work)
         for s, arrays in received.items():
             if s != result.stage:
                 checkpoint.save_arrays(s, arrays)

@@ -6,7 +6,7 @@ Each simulated SuperNode is one site folder of <sites-root>/<site>/{store, priva
 partition-id picks the folder). `ecgtwin federate` and the demo start this module as a child process,
 so that ecgtwin/ never imports Flower. Exit status 0 only when out/status.json says finished. Started
 so (ECGTWIN_PARENT_PID set), it watches its launcher and, when that ends (kill -9 too), stops itself,
-Ray and all it started (ecgtwin/coordinator/watchdog.py).
+Ray and all it started (ecgtwin/supervise/watchdog.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ecgtwin.coordinator.settings import FederationSettings
 from ecgtwin.coordinator.status import read_status
-from ecgtwin.coordinator.watchdog import watch_parent
+from ecgtwin.supervise.watchdog import watch_parent
 
 
 def simulate(run_config: dict, num_supernodes: int | None = None, cpus_per_site: float = 1.0,

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # lowest first; a module belongs to the first prefix that matches it
 LAYERS = [
     ("errors and device", ["ecgtwin", "ecgtwin.errors", "ecgtwin.device", "ecgtwin.compute"]),
+    ("process supervision", ["ecgtwin.supervise"]),
     ("data", ["ecgtwin.data", "ecgtwin.plot"]),
     ("models", ["ecgtwin.models"]),
     ("schema and storage", ["ecgtwin.config", "ecgtwin.checkpoint", "ecgtwin.weights"]),

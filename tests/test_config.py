@@ -42,3 +42,26 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 def test_defaults_are_the_paper_sizes():
     assert to_dict(ExperimentConfig().model) == to_dict(paper_config())
+
+
+def test_a_config_names_a_base_file_and_holds_only_what_differs(tmp_path):
+    """demo-foundation.yaml is demo.yaml with longer training: the file says `base: demo.yaml` and the
+    differences only; mappings merge key by key, and a missing base or a cycle is refused naming the file."""
+    foundation, demo = load_config(CONFIGS / "demo-foundation.yaml"), load_config(CONFIGS / "demo.yaml")
+    assert foundation.model == demo.model and foundation.generate == demo.generate
+    assert (foundation.name, foundation.twin.steps, foundation.twin.lr) == ("demo-foundation", 4000, demo.twin.lr)
+    lines = (CONFIGS / "demo-foundation.yaml").read_text().splitlines()
+    assert "base: demo.yaml" in lines and len(lines) < 20
+    (tmp_path / "child.yaml").write_text(f"base: {CONFIGS / 'demo.yaml'}\nvae:\n  steps: 7\n")
+    assert load_config(tmp_path / "child.yaml").vae.steps == 7
+    assert load_config(tmp_path / "child.yaml").vae.lr == demo.vae.lr
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: base file of .*orphan.yaml does not exist"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="a cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text(f"base: {CONFIGS / 'demo.yaml'}\nvae:\n  stepz: 7\n")
+    with pytest.raises(ConfigError, match="bad.yaml: vae.stepz: unknown key"):
+        load_config(tmp_path / "bad.yaml")

@@ -27,7 +27,7 @@ from ecgtwin.data.prepare import prepare_store
 from ecgtwin.data.preprocess import PreprocessConfig
 from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.config import STAGES, config_from_text, config_text
-from ecgtwin.coordinator.loopback import flower_env
+from ecgtwin.supervise.loopback import flower_env
 from ecgtwin.coordinator.settings import FederationError
 from ecgtwin.coordinator.state import RunState
 from ecgtwin.coordinator.status import read_status
@@ -844,3 +844,20 @@ def test_a_federation_resumed_keeps_the_foundation_and_the_trainable_set(consort
                                                                         "rounds-twin": 3}))
     for site in SITES:
         assert ledger_rounds(sites, site) == [("twin", 1), ("twin", 2)]
+
+
+def test_one_run_config_builder_for_every_command(tmp_path):
+    """The CLI's federate, the demo and the benchmarks build their run through simulation_settings: paths
+    absolute, rounds per stage (missing: 0), and a run config the server reads back to the same settings."""
+    from ecgtwin.config import ConfigError
+    from ecgtwin.coordinator.settings import FederationSettings, simulation_settings
+
+    settings = simulation_settings("configs/demo.yaml", tmp_path / "run", "sites", {"ibe": 2}, None,
+                                   strategy="fedprox", min_nodes=3)
+    run_config = settings.to_run_config()
+    assert run_config["rounds-vae"] == 0 and run_config["rounds-ibe"] == 2 and run_config["rounds-twin"] == 0
+    assert Path(run_config["sites-root"]).is_absolute() and run_config["foundation"] == ""
+    assert FederationSettings.from_run_config(run_config) == settings
+    assert all(isinstance(v, (str, int, float, bool)) for v in run_config.values())  # Flower's value types
+    with pytest.raises(ConfigError, match="unknown stage 'vea'"):
+        simulation_settings("c.yaml", "o", "s", {"vea": 1})

@@ -1,5 +1,5 @@
 """The simulation launcher's deadline holds for a child that prints nothing, and the child is stopped; kill -9
-of `ecgtwin federate` leaves no simulation or Ray process behind (ecgtwin/coordinator/watchdog.py)."""
+of `ecgtwin federate` leaves no simulation or Ray process behind (ecgtwin/supervise/watchdog.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ecgtwin.coordinator import procfs
+from ecgtwin.supervise import procfs
 from ecgtwin.coordinator.launch import simulate
 
 
@@ -87,7 +87,7 @@ def tiny_consortium(root: Path) -> tuple[Path, Path]:
 
 CHILD = """
 import os, subprocess, sys, time
-from ecgtwin.coordinator.watchdog import watch_parent
+from ecgtwin.supervise.watchdog import watch_parent
 watch_parent()
 escapee = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
 open(sys.argv[1], "w").write(f"{os.getpid()} {escapee.pid}")
@@ -95,7 +95,7 @@ time.sleep(120)
 """
 LAUNCHER = """
 import os, subprocess, sys, time
-from ecgtwin.coordinator.watchdog import PARENT_ENV
+from ecgtwin.supervise.watchdog import PARENT_ENV
 subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], start_new_session=True,
                  env={**os.environ, PARENT_ENV: str(os.getpid())})
 time.sleep(120)

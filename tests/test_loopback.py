@@ -1,4 +1,4 @@
-"""A real deployment on loopback (ecgtwin.coordinator.loopback): a TLS SuperLink with its database and
+"""A real deployment on loopback (ecgtwin.supervise.loopback): a TLS SuperLink with its database and
 SuperNode authentication, 3 SuperNodes with warm ClientApp workers, `flwr run`; and its faults, with real
 processes killed by pid: a SuperNode mid-round, the SuperLink and the ServerApp mid-run.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ecgtwin.coordinator import procfs
-from ecgtwin.coordinator.loopback import Loopback, group_alive, wait_for
+from ecgtwin.supervise import procfs
+from ecgtwin.supervise.loopback import Loopback, group_alive, wait_for
 from ecgtwin.coordinator.status import read_status
 from ecgtwin.privacy import Ledger
 from test_federation import SITES, consortium, generator_works, one_thread, policy, sites  # noqa: F401  fixtures

@@ -1,7 +1,7 @@
 """Running a simulation from ecgtwin (which never imports Flower): `python -m server.simulate` as a child
 process in its own process group, its output copied to a log, stopped by its process-group id. The child
 is told this process's pid (watchdog.PARENT_ENV) and stops itself and all it started (Ray included) when
-this process ends in any way, kill -9 too (ecgtwin/coordinator/watchdog.py)."""
+this process ends in any way, kill -9 too (ecgtwin/supervise/watchdog.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from ecgtwin.coordinator.settings import FederationSettings
 from ecgtwin.coordinator.status import read_status
-from ecgtwin.coordinator.watchdog import PARENT_ENV
+from ecgtwin.supervise.watchdog import PARENT_ENV
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # holds ecgtwin/, server/ and client/
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ecgtwin.checkpoint import Checkpoint
-from ecgtwin.conditioning import NORMALIZER_FILE, PatientInfoNormalizer
+from ecgtwin.conditioning import ensure_population_normalizer
 from ecgtwin.config import STAGES, ExperimentConfig
 from ecgtwin.weights import Weights
 
@@ -15,8 +15,7 @@ def save_global_model(path: str | Path, config: ExperimentConfig, weights: Mappi
     """The stages' weights, the config and the fixed population normaliser the sites trained with."""
     checkpoint = Checkpoint(path)
     checkpoint.save_config(config)
-    if not (checkpoint.path / NORMALIZER_FILE).is_file():
-        checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+    ensure_population_normalizer(checkpoint.path)
     for stage in STAGES:
         if stage in weights:
             checkpoint.save_arrays(stage, weights[stage])

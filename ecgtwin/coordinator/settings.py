@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ecgtwin.config import STAGES, ConfigError, ExperimentConfig, load_config
 
@@ -58,6 +58,11 @@ class FederationSettings:
     def rounds(self, stage: str) -> int:
         return getattr(self, f"rounds_{stage}")
 
+    def to_run_config(self) -> dict[str, Any]:
+        """Flower's run config of these settings (flat keys with dashes): what `flwr run --run-config`, the
+        simulation and `from_run_config` take."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def config_path(self, base: Path | None = None) -> Path:
         """The experiment YAML: absolute, else relative to the working directory, else to `base` (the app)."""
         path = Path(self.config)
@@ -67,3 +72,19 @@ class FederationSettings:
 
     def load_config(self, base: Path | None = None) -> ExperimentConfig:
         return load_config(self.config_path(base))
+
+
+def simulation_settings(config: str | Path, out: str | Path, sites_root: str | Path,
+                        rounds: Mapping[str, int] | Sequence[int], foundation: str | Path | None = None,
+                        **settings: Any) -> FederationSettings:
+    """The one way a command builds a simulated run (the CLI's federate, the demo, the benchmarks): paths
+    made absolute, rounds per stage (a mapping, or one number per stage in STAGES order; absent: 0), and any
+    other FederationSettings field by name."""
+    per_stage = dict(rounds) if isinstance(rounds, Mapping) else dict(zip(STAGES, rounds))
+    unknown = sorted(set(per_stage) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"rounds: unknown stage {unknown[0]!r} (known: {', '.join(STAGES)})")
+    return FederationSettings(config=str(Path(config).resolve()), out=str(Path(out).resolve()),
+                              sites_root=str(Path(sites_root).resolve()),
+                              foundation=str(Path(foundation).resolve()) if foundation else "",
+                              **{f"rounds_{s}": int(per_stage.get(s, 0)) for s in STAGES}, **settings)

@@ -178,7 +178,7 @@ def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | 
 def _train_stage_private(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
                          policy_path: Path, steps: int | None, progress: bool, foundation: str | Path | None,
                          device: torch.device | str) -> dict:
-    from ecgtwin.conditioning import PatientInfoNormalizer
+    from ecgtwin.conditioning import ensure_population_normalizer
     from ecgtwin.privacy import load_policy
     from ecgtwin.site_folder import SiteFolder
     from ecgtwin.train.private import private_pass
@@ -192,8 +192,7 @@ def _train_stage_private(stage: str, config: ExperimentConfig, store_path: str |
     start_from = _adopt_foundation(checkpoint, config, stage, foundation)
     if start_from is not None and not checkpoint.has(stage):
         checkpoint.save_arrays(stage, start_from)
-    if not (checkpoint.path / NORMALIZER_FILE).is_file():  # fixed population statistics (see local.py)
-        checkpoint.write_text(NORMALIZER_FILE, PatientInfoNormalizer().to_json())
+    ensure_population_normalizer(checkpoint.path)  # fixed population statistics (see local.py)
     folder = SiteFolder.of(store.path, policy_path)  # the site's one ledger, whichever command trains
     ledger, cache = folder.ledger(), folder.cache
     weights = {s: checkpoint.load_arrays(s) for s in STAGES[: STAGES.index(stage) + 1] if checkpoint.has(s)}

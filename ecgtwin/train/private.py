@@ -164,53 +164,101 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
     used, how many it dropped for a non-finite loss or gradient). Opacus' hooks and per-sample gradients
     are removed from the module when the block ends, however it ends. With precision bf16 the forward is
     autocast; the per-patient gradients are cast to fp32 before they are clipped, and noise is fp32."""
-    module = built.module
     mode = mode or resolved_mode("", built, policy, precision)  # "": no measured stage, auto is hooks
     if mode == "ghost" and precision != "fp32":
         raise UserError("grad_sample_mode ghost computes the per-patient norms inside the backward, in the "
                         f"forward's dtype: use precision fp32 with it, or hooks with {precision}")
-    device = module_device(module)
-    params = [p for p in module.parameters() if p.requires_grad]  # the stage's trainable subset only
-    base = adamw(params, settings.lr, settings.weight_decay, device)
-    expected = max(1, int(round(expected_batch)))
-    opts = dict(noise_multiplier=sigma, max_grad_norm=policy.max_grad_norm, expected_batch_size=expected,
-                loss_reduction="mean", generator=generator)
-    with warnings.catch_warnings():  # Opacus' "secure RNG off" warning: the key is OS entropy (randomness.py)
-        warnings.simplefilter("ignore")
-        if mode == "ghost":
-            if not built.one_row_per_unit or policy.records_per_patient != 1:
-                raise UserError("grad_sample_mode ghost needs one forward row per patient: use it for the VAE "
-                                "and twin stages with records_per_patient 1 and noise_draws 1, else hooks")
-            gsm = GradSampleModuleFastGradientClipping(module, batch_first=True, loss_reduction="sum",
-                                                       max_grad_norm=policy.max_grad_norm, use_ghost_clipping=True)
-            optimizer = DPOptimizerFastGradientClipping(base, **opts)
-        else:
-            gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum",
-                                   force_functorch=mode == "functorch")
-            optimizer = DPOptimizer(base, **opts)
+    if mode == "ghost" and (not built.one_row_per_unit or policy.records_per_patient != 1):
+        raise UserError("grad_sample_mode ghost needs one forward row per patient: use it for the VAE "
+                        "and twin stages with records_per_patient 1 and noise_draws 1, else hooks")
+    engine = DPEngine.build(built, policy, settings, expected_batch, sigma, generator, precision, mode)
+    try:
+        yield engine.step
+    finally:
+        engine.close()
 
-    def noise_only() -> None:  # nobody sampled (or usable): the step is noise only, as accounted
-        for p in params:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+
+@dataclasses.dataclass
+class DPEngine:
+    """Opacus' pieces for one pass: the module wrapped for per-sample gradients and the noisy optimizer."""
+
+    built: PrivateStage
+    gsm: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]  # the stage's trainable subset only
+    mode: str
+    precision: str
+
+    @classmethod
+    def build(cls, built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch: float, sigma: float,
+              generator: torch.Generator, precision: str, mode: str) -> "DPEngine":
+        module = built.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        base = adamw(params, settings.lr, settings.weight_decay, module_device(module))
+        opts = dict(noise_multiplier=sigma, max_grad_norm=policy.max_grad_norm, loss_reduction="mean",
+                    expected_batch_size=max(1, int(round(expected_batch))), generator=generator)
+        with warnings.catch_warnings():  # Opacus' "secure RNG off" warning: the key is a secret (randomness.py)
+            warnings.simplefilter("ignore")
             if mode == "ghost":
-                p.grad = torch.zeros_like(p)
-        optimizer.step()
+                gsm = GradSampleModuleFastGradientClipping(module, batch_first=True, loss_reduction="sum",
+                                                           max_grad_norm=policy.max_grad_norm, use_ghost_clipping=True)
+                optimizer = DPOptimizerFastGradientClipping(base, **opts)
+            else:
+                gsm = GradSampleModule(module, batch_first=True, loss_reduction="sum",
+                                       force_functorch=mode == "functorch")
+                optimizer = DPOptimizer(base, **opts)
+        return cls(built, gsm, optimizer, params, mode, precision)
 
-    def ghost_backward(picks: list[Unit], index: int) -> tuple[torch.Tensor | None, int]:
+    def step(self, picks: list[Unit], index: int) -> tuple[float, int]:
+        """One noisy step over the sampled patients `picks`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not picks:
+            self.noise_only()
+            return float("nan"), 0
+        backward = self._ghost_backward if self.mode == "ghost" else self._per_sample_backward
+        losses, dropped = backward(picks, index)
+        if losses is None:
+            self.noise_only()
+            return float("nan"), dropped
+        self.optimizer.step()
+        return (float(losses.detach().mean()) if len(losses) else float("nan")), dropped
+
+    def noise_only(self) -> None:
+        """Nobody sampled (or usable): the step is noise only, as accounted."""
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+            if self.mode == "ghost":
+                p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+
+    def _per_sample_backward(self, picks: list[Unit], index: int) -> tuple[torch.Tensor, int]:
+        """Opacus' per-row gradients (hooks or functorch), summed per patient; a patient whose loss or
+        gradient is not finite is zeroed (per-sample gradients are row-local: the others are intact)."""
+        with autocast(module_device(self.built.module), self.precision):
+            losses, row_unit = self.built.unit_loss(picks, index)
+        finite = torch.isfinite(losses.detach())
+        with warnings.catch_warnings():  # "full backward hook firing ... no inputs require gradients"
+            warnings.simplefilter("ignore", UserWarning)
+            torch.where(finite, losses, torch.zeros_like(losses)).sum().backward()
+        group_grad_samples(self.params, row_unit, len(picks))
+        return losses[finite], zero_non_finite(self.params)
+
+    def _ghost_backward(self, picks: list[Unit], index: int) -> tuple[torch.Tensor | None, int]:
         """Ghost clipping sums the patients inside the backward, where one non-finite loss or gradient would
         poison the sum: patients with a non-finite loss are found first (no hooks, no graph), then those whose
         gradient norm is not finite (a finite loss can have one) after the norm pass; each time the pass is
         computed again without them (a patient's gradient does not depend on the others). Returns the losses
         it used (None if nobody is left) and how many patients it dropped."""
+        gsm = self.gsm
         gsm.disable_hooks()
         with torch.no_grad():
-            probe, _ = built.unit_loss(picks, index)  # ghost: fp32 only (checked above)
+            probe, _ = self.built.unit_loss(picks, index)  # ghost: fp32 only (checked in dp_step)
         gsm.enable_hooks()
         keep = [p for p, ok in zip(picks, torch.isfinite(probe).tolist()) if ok]
         while keep:
-            losses, _ = built.unit_loss(keep, index)
+            losses, _ = self.built.unit_loss(keep, index)
             losses.sum().backward(retain_graph=True)  # first pass: per-patient norms only
-            optimizer.zero_grad()
+            self.optimizer.zero_grad()
             finite = torch.isfinite(gsm.get_norm_sample()).tolist()
             if all(finite):
                 coeff = gsm.get_clipping_coef()
@@ -221,34 +269,9 @@ def dp_step(built: PrivateStage, policy: PrivacyPolicy, settings, expected_batch
             keep = [p for p, ok in zip(keep, finite) if ok]
         return None, len(picks)
 
-    def step(picks: list[Unit], index: int) -> tuple[float, int]:
-        optimizer.zero_grad(set_to_none=True)
-        if not picks:
-            noise_only()
-            return float("nan"), 0
-        if mode == "ghost":
-            losses, dropped = ghost_backward(picks, index)
-            if losses is None:
-                noise_only()
-                return float("nan"), dropped
-        else:
-            with autocast(device, precision):
-                losses, row_unit = built.unit_loss(picks, index)
-            finite = torch.isfinite(losses.detach())
-            with warnings.catch_warnings():  # "full backward hook firing ... no inputs require gradients"
-                warnings.simplefilter("ignore", UserWarning)
-                torch.where(finite, losses, torch.zeros_like(losses)).sum().backward()
-            group_grad_samples(params, row_unit, len(picks))
-            dropped = zero_non_finite(params)  # per-sample gradients are row-local: the others are intact
-            losses = losses[finite]
-        optimizer.step()
-        return (float(losses.detach().mean()) if len(losses) else float("nan")), dropped
-
-    try:
-        yield step
-    finally:
-        gsm._close()  # removes the hooks and the grad_sample attributes it added
-        for p in module.parameters():
+    def close(self) -> None:
+        self.gsm._close()  # removes the hooks and the grad_sample attributes it added
+        for p in self.built.module.parameters():
             p.grad = None
 
 

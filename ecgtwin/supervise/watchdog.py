@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 
-from ecgtwin.coordinator import procfs
+from ecgtwin.supervise import procfs
 
 PARENT_ENV = "ECGTWIN_PARENT_PID"  # set by the launcher: the pid whose death ends the child
 TOKEN_ENV = "ECGTWIN_SIMULATION_TOKEN"  # set by the child: inherited by every process it starts

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ecgtwin.coordinator import procfs
+from ecgtwin.supervise import procfs
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr: the environment's own
 REPO = Path(__file__).resolve().parents[2]
