@@ -38,7 +38,9 @@ import numpy as np
 
 from bench.cpu_meter import CpuMeter
 from bench.results import REFERENCE_SEED, _store, train_federated
+from ecgtwin.compute import PRECISIONS
 from ecgtwin.config import STAGES, load_config, save_config
+from ecgtwin.models.finetune import MODES as FINETUNE_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -401,8 +403,8 @@ def main() -> None:
     parser.add_argument("--epsilon", default="8", help="per-site epsilon, or none (non-private)")
     parser.add_argument("--start", choices=["foundation", "scratch", "public-only"], default="foundation")
     parser.add_argument("--vae", choices=["frozen", "dp"], default="frozen")
-    parser.add_argument("--trainable", choices=["all", "condition", "lora"], default="all")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    parser.add_argument("--trainable", choices=[m for m in FINETUNE_MODES if m != "frozen"], default="all")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="train and generate in this precision (ecgtwin.compute)")
     parser.add_argument("--data", choices=["synthetic", "ptbxl"], default="synthetic",
                         help="ptbxl: three sites of ../shared/data/ptbxl by its recording site (--patients-per-site unused)")

@@ -57,7 +57,9 @@ def _device(p: argparse.ArgumentParser) -> None:
 
 
 def _compute(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="the forward passes' precision (default: the "
+    from ecgtwin.compute import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, help="the forward passes' precision (default: the "
                    "config's compute.precision, fp32); bf16 autocasts them, DP clipping and noise stay fp32")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (generation and non-private training; default: the config's)")
@@ -182,20 +184,24 @@ def _run_train(args: argparse.Namespace) -> dict:
             raise UserError("--steps must be at least 1")
         getattr(config, args.stage).steps = args.steps
     if args.policy is not None:
+        if args.steps is not None:
+            raise UserError("--steps: with --policy the site's privacy policy sets the local steps (its "
+                            "stages.<stage>.local_steps); change them there")
         return _train_private(args, config)
     return train_stage(args.stage, config, args.store, args.out, progress=not args.no_progress,
                        foundation=args.foundation, device=resolve_device(args.device))
 
 
 def _train_private(args: argparse.Namespace, config) -> dict:
-    from ecgtwin.train.centralised import train_stage_private
+    from ecgtwin.site import train_with_policy
 
-    return train_stage_private(args.stage, config, args.store, args.out, args.policy, steps=args.steps,
-                               progress=not args.no_progress, foundation=args.foundation,
-                               device=resolve_device(args.device))
+    return train_with_policy(args.stage, config, args.store, args.policy, args.out, progress=not args.no_progress,
+                             foundation=args.foundation, device=str(resolve_device(args.device)))
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from ecgtwin.models.diffusion import SAMPLERS
+
     p = sub.add_parser(
         "generate",
         help="generate digital twins of the person in a reference ECG under a target condition",
@@ -217,7 +223,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--age", type=float, help="target age in years (default: the reference's)")
     p.add_argument("--sex", choices=["F", "M"], help="target sex (default: the reference's)")
     p.add_argument("-n", "--num", type=int, default=4, help="number of twins (default 4)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="sampler (default: the config's, dpm++)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the config's, dpm++)")
     p.add_argument("--steps", type=int, help="sampling steps for ddim/dpm++ (default: the config's, 25)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition (1 = none)")
     p.add_argument("--person-guidance", type=float, help="classifier-free guidance scale for the person (1 = none)")
@@ -485,6 +491,8 @@ def _run_federate(args: argparse.Namespace) -> dict:
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    from ecgtwin.data.readers import SOURCES
+
     p = sub.add_parser(
         "pretrain",
         help="train a public foundation model (all three stages, non-private) on public ECGs",
@@ -495,7 +503,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
         "seed no site uses.",
     )
     p.add_argument("--config", required=True, type=Path, help="experiment YAML (sizes and steps per stage)")
-    p.add_argument("--source", required=True, choices=["synthetic", "ptbxl", "challenge", "mimic-iv-ecg", "wfdb"])
+    p.add_argument("--source", required=True, choices=sorted(SOURCES))
     p.add_argument("--root", type=Path, help="the public corpus' folder (not for synthetic)")
     p.add_argument("--out", required=True, type=Path, help="the foundation folder")
     p.add_argument("--patients", type=int, default=200, help="synthetic: patients of the public population")
@@ -542,6 +550,8 @@ def _run_export(args: argparse.Namespace) -> dict:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from ecgtwin.models.diffusion import SAMPLERS
+
     p = sub.add_parser(
         "evaluate",
         help="benchmark a generator on a site's held-out patients (FID, P/R/F1, CLIP, HR MAE, personalisation)",
@@ -553,7 +563,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", required=True, type=Path, help="the site store (its held-out patients are used)")
     p.add_argument("--out", required=True, type=Path, help="output folder (metrics.json, report.html, figures)")
     p.add_argument("--twins-per-patient", type=int, default=4, help="twins per patient, over their later ECGs (default 4)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="sampler (default: the config's)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the config's)")
     p.add_argument("--steps", type=int, help="sampling steps for ddim/dpm++ (default: the config's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition (1 = none)")
     p.add_argument("--encoder-steps", type=int, help="training steps of the evaluation encoder (default 400)")

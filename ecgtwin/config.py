@@ -14,8 +14,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ecgtwin.compute import PRECISIONS
 from ecgtwin.errors import UserError
 from ecgtwin.models import ModelConfig
+from ecgtwin.models.diffusion import SAMPLERS
+from ecgtwin.models.dit import INJECTORS
+from ecgtwin.models.finetune import MODES as FINETUNE_MODES
 
 T = TypeVar("T")
 
@@ -127,9 +131,10 @@ class ExperimentConfig:
 _POSITIVE = {"n_samples", "duration_s", "steps", "batch_size", "lr", "log_every", "checkpoint_every",
              "temperature", "noise_draws", "max_statements", "out_fs", "lora_rank"}
 _FRACTIONS = {"held_out_fraction", "cond_dropout", "base_dropout"}
-_CHOICES = {"sampler": {"ddpm", "ddim", "dpm++"}, "injector": {"adax", "adaln", "cross"},
-            "trainable": {"all", "condition", "lora", "frozen"},
-            "limb_leads": {"derived", "raw"}, "precision": {"fp32", "bf16"}}
+LIMB_LEADS = ("derived", "raw")  # generate.limb_leads: project twins onto Einthoven's relations, or not
+# every vocabulary is defined once, where it is used; the schema checks against those definitions
+_CHOICES = {"sampler": set(SAMPLERS), "injector": set(INJECTORS), "trainable": set(FINETUNE_MODES),
+            "limb_leads": set(LIMB_LEADS), "precision": set(PRECISIONS)}
 
 
 def load_config(path: str | Path) -> ExperimentConfig:

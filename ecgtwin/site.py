@@ -27,7 +27,7 @@ from safetensors.numpy import load_file, save_file
 
 from ecgtwin.checkpoint import Checkpoint, atomic_write
 from ecgtwin.conditioning import ensure_population_normalizer
-from ecgtwin.config import STAGES, ExperimentConfig, config_from_text, to_dict
+from ecgtwin.config import STAGES, ExperimentConfig, config_from_text, config_text, to_dict
 from ecgtwin.data.store import SiteStore
 from ecgtwin.privacy import BudgetExceeded, PlanError, load_policy
 from ecgtwin.privacy.ledger import LedgerDamaged
@@ -120,6 +120,7 @@ class Site:
         self.work = self.folder.checkpoint
         self.name = self.policy.site or self.folder.store.name
         self.progress = progress
+        self.last_result: PassResult | None = None  # the last pass this object computed (site-side figures)
 
     @classmethod
     def open(cls, folder: SiteFolder, progress: bool = False, device: str = "auto") -> "Site":
@@ -171,6 +172,7 @@ class Site:
             return None, {}, (f"{self.name}: the privacy ledger is missing, truncated or edited; refusing to "
                               "train (details in the site's state/errors.log)")
         self._keep(config, received, result)
+        self.last_result = result  # for a caller at the site (`ecgtwin train --policy`); never sent
         if not all(np.isfinite(v).all() for v in result.weights.values()):  # never sent, whatever the cause
             return None, {}, f"{self.name}: the pass produced non-finite weights; nothing was sent"
         if self.policy.private:
@@ -239,6 +241,43 @@ class Site:
         name = f"dp_{result.stage}_loss.jsonl" if result.entry is not None else f"{result.stage}_loss.jsonl"
         with (self.work / name).open("a") as f:
             f.writelines(json.dumps(line) + "\n" for line in result.log)
+
+
+def train_with_policy(stage: str, config: ExperimentConfig, store: str | Path, policy: str | Path,
+                      out: str | Path, progress: bool = True, foundation: str | Path | None = None,
+                      device: str = "auto") -> dict:
+    """`ecgtwin train --policy`: the policy's rounds of `stage` at this site, each ONE pass through
+    `Site.train` exactly as in a federated round (the site's steps and noise, its ledger, the pass key and
+    secret, the kept outcome), from and into checkpoint folder `out` (started from `foundation` if given)."""
+    from ecgtwin.train.centralised import adopt_foundation, check_or_save_config
+
+    site = Site(store, policy, progress=progress, device=device)
+    plan = site.policy.stage(stage)
+    if plan.rounds < 1:
+        raise UserError(f"{policy}: the policy plans no rounds for stage {stage}")
+    checkpoint = Checkpoint(out)
+    with checkpoint.lock():  # the same folder lock as train_stage: one training writes a folder
+        check_or_save_config(checkpoint, config)
+        start = adopt_foundation(checkpoint, config, stage, foundation)
+        if start is not None and not checkpoint.has(stage):
+            checkpoint.save_arrays(stage, start)
+        ensure_population_normalizer(checkpoint.path)  # fixed population statistics (see train/local.py)
+        weights = {s: checkpoint.load_arrays(s) for s in STAGES[: STAGES.index(stage) + 1] if checkpoint.has(s)}
+        summaries = []
+        for rnd in range(1, plan.rounds + 1):
+            site.last_result = None
+            reply, metrics, refusal = site.train(stage, rnd, "train --policy", config_text(config), weights)
+            if refusal is not None:
+                raise UserError(refusal)
+            weights[stage] = {**(weights.get(stage) or Checkpoint(site.work).load_arrays(stage)), **reply}
+            checkpoint.save_arrays(stage, weights[stage])
+            result = site.last_result  # None: the kept outcome of this very pass, replayed at no cost
+            if result is not None:
+                with (checkpoint.path / f"dp_{stage}_loss.jsonl").open("a") as f:
+                    f.writelines(json.dumps(line) + "\n" for line in result.log)
+            summaries.append(result.summary if result is not None else {"stage": stage, "round": rnd, **metrics})
+    return {**summaries[-1], "checkpoint": str(checkpoint.path), "rounds": len(summaries),
+            "losses": [s.get("loss") for s in summaries]}
 
 
 def pass_key(run_id: str, stage: str, server_round: int, received: Mapping[str, Mapping[str, np.ndarray]],

@@ -861,3 +861,26 @@ def test_one_run_config_builder_for_every_command(tmp_path):
     assert all(isinstance(v, (str, int, float, bool)) for v in run_config.values())  # Flower's value types
     with pytest.raises(ConfigError, match="unknown stage 'vea'"):
         simulation_settings("c.yaml", "o", "s", {"vea": 1})
+
+
+def test_train_with_a_policy_is_a_pass_through_the_site(consortium, sites, tmp_path):
+    """`ecgtwin train --policy` runs each round as Site.train does in a federation: the same request again
+    (the same start, into another folder) is the same keyed pass, answered with its kept outcome at no
+    second charge and with the same bytes; --steps cannot override the officer's local steps."""
+    from safetensors.numpy import load_file
+
+    from ecgtwin.cli import main
+
+    unseeded(sites)
+    config_path = tmp_path / "tiny.yaml"
+    save_config(consortium["config"], config_path)
+    args = ["train", "--config", str(config_path), "--stage", "vae", "--store", str(sites / "site_a" / "store"),
+            "--policy", str(sites / "site_a" / "privacy.yaml"), "--no-progress", "--json"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    ledger = open_site(sites, "site_a").ledger
+    assert [(e["run"], e["stage"]) for e in ledger.entries()] == [("train --policy", "vae")]
+    assert main([*args, "--out", str(tmp_path / "two")]) == 0
+    assert len(ledger.entries()) == 1
+    one, two = (load_file(str(tmp_path / d / "vae.safetensors")) for d in ("one", "two"))
+    assert all(np.array_equal(one[k], two[k]) for k in one)
+    assert main([*args, "--out", str(tmp_path / "three"), "--steps", "5"]) == 1

@@ -31,6 +31,7 @@ from ecgtwin.evaluate.bootstrap import patient_bootstrap, rows_of
 from ecgtwin.evaluate.encoder import EncoderConfig, EvaluationEncoder, encoder_key, multi_hot, train_encoder
 from ecgtwin.data.split import split_patients
 from ecgtwin.errors import UserError, MissingInput
+from ecgtwin.models.diffusion import SAMPLERS
 
 ENCODER_SPLIT_SEED = 6006  # the encoder/twin split of the held-out patients (independent of training splits)
 
@@ -162,8 +163,8 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     started = time.perf_counter()
     if twins_per_patient < 1:
         raise UserError("twins per patient must be at least 1")
-    if sampler is not None and sampler not in ("ddpm", "ddim", "dpm++"):
-        raise UserError(f"unknown sampler {sampler!r} (ddpm, ddim, dpm++)")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
     if steps is not None and steps < 1:
         raise UserError("steps must be at least 1")
     if not Path(checkpoint).is_dir():

@@ -46,7 +46,7 @@ def _train_stage(stage: str, config: ExperimentConfig, store_path: str | Path, o
     check_store(store, config)
     checkpoint = Checkpoint(out)
     check_or_save_config(checkpoint, config)
-    start_from = _adopt_foundation(checkpoint, config, stage, foundation)
+    start_from = adopt_foundation(checkpoint, config, stage, foundation)
     settings = config.stage(stage)
     rows = pass_rows(store, config)
     if len(rows) == 0:
@@ -118,7 +118,7 @@ def _stop(stage: str, step: int, what: str, store: SiteStore, checkpoint: Checkp
                     f"NaN or infinite values in {store.path / 'signals.npy'}, or lower {stage}.lr")
 
 
-def _adopt_foundation(checkpoint: Checkpoint, config: ExperimentConfig, stage: str,
+def adopt_foundation(checkpoint: Checkpoint, config: ExperimentConfig, stage: str,
                       foundation: str | Path | None) -> dict | None:
     """Copy what the checkpoint lacks from the foundation (earlier stages, its normaliser); return the
     stage's starting weights from the foundation (with fresh LoRA adapters where the stage trains `lora`)."""
@@ -162,48 +162,4 @@ def check_or_save_config(checkpoint: Checkpoint, config: ExperimentConfig) -> No
     checkpoint.save_config(config)
 
 
-__all__ = ["train_stage", "check_or_save_config", "module_weights"]
-
-
-def train_stage_private(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
-                        policy_path: Path, steps: int | None = None, progress: bool = True,
-                        foundation: str | Path | None = None, device: torch.device | str = "cpu") -> dict:
-    """`ecgtwin train --policy`: the policy's rounds of DP passes of `stage` at one site, from and into
-    checkpoint folder `out`, each charged to the ledger beside the policy. The site-side caches (noise plan,
-    statement embeddings, public negatives) stay beside the policy; the DP loss log beside the weights."""
-    with Checkpoint(out).lock():  # the same folder lock as train_stage: one training writes a folder
-        return _train_stage_private(stage, config, store_path, out, policy_path, steps, progress, foundation, device)
-
-
-def _train_stage_private(stage: str, config: ExperimentConfig, store_path: str | Path, out: str | Path,
-                         policy_path: Path, steps: int | None, progress: bool, foundation: str | Path | None,
-                         device: torch.device | str) -> dict:
-    from ecgtwin.conditioning import ensure_population_normalizer
-    from ecgtwin.privacy import load_policy
-    from ecgtwin.site_folder import SiteFolder
-    from ecgtwin.train.private import private_pass
-
-    policy = load_policy(policy_path)
-    plan = policy.stage(stage)
-    if plan.rounds < 1:
-        raise UserError(f"{policy_path}: the policy plans no rounds for stage {stage}")
-    store, checkpoint = SiteStore(store_path), Checkpoint(out)
-    check_or_save_config(checkpoint, config)
-    start_from = _adopt_foundation(checkpoint, config, stage, foundation)
-    if start_from is not None and not checkpoint.has(stage):
-        checkpoint.save_arrays(stage, start_from)
-    ensure_population_normalizer(checkpoint.path)  # fixed population statistics (see local.py)
-    folder = SiteFolder.of(store.path, policy_path)  # the site's one ledger, whichever command trains
-    ledger, cache = folder.ledger(), folder.cache
-    weights = {s: checkpoint.load_arrays(s) for s in STAGES[: STAGES.index(stage) + 1] if checkpoint.has(s)}
-    summaries = []
-    for rnd in range(1, plan.rounds + 1):
-        result = private_pass(stage, config, store, weights, policy, ledger, round=rnd, steps=steps,
-                              cache_dir=cache, progress=progress, device=device)
-        weights[stage] = result.weights
-        checkpoint.save_arrays(stage, result.weights)
-        with (checkpoint.path / f"dp_{stage}_loss.jsonl").open("a") as f:
-            f.writelines(json.dumps(line) + "\n" for line in result.log)
-        summaries.append(result.summary)
-    return {**summaries[-1], "checkpoint": str(checkpoint.path), "rounds": len(summaries),
-            "losses": [s["loss"] for s in summaries]}
+__all__ = ["train_stage", "check_or_save_config", "adopt_foundation", "module_weights"]
