@@ -72,12 +72,19 @@ class Row:
     data: str = "synthetic"  # synthetic (the consortium at patients_per_site) | ptbxl (../shared/data/ptbxl)
     eval_patients: int | None = None  # twins of N held-out patients, a seeded draw (the same N in a size's rows)
     guidance: float = GUIDANCE_CONDITION  # condition guidance of the evaluation's twins (generation only)
+    guidance_person: float = GUIDANCE_PERSON  # person guidance of the evaluation's twins (generation only)
     local_steps: tuple[int, int] | None = None  # the IBE's and the twin stage's local steps per round (default: plan())
 
     @property
     def name(self) -> str:
         """The row: its model's name, and the guidance its twins were generated with where not the default."""
-        return self.model_name + ("" if self.guidance == GUIDANCE_CONDITION else f"-g{self.guidance:g}")
+        return self.model_name + self.sampling_suffix
+
+    @property
+    def sampling_suffix(self) -> str:
+        """"-g4", "-p8", "-g4-p8" or "": the guidance that differs from the default (generation only)."""
+        return ("" if self.guidance == GUIDANCE_CONDITION else f"-g{self.guidance:g}") + (
+            "" if self.guidance_person == GUIDANCE_PERSON else f"-p{self.guidance_person:g}")
 
     @property
     def model_name(self) -> str:
@@ -150,17 +157,19 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
     trained, cpu1 = time.perf_counter(), meter.seconds()
     encoder = ({"encoder_fraction": PTBXL_ENCODER_FRACTION, "encoder_cache": base / "encoder-ptbxl"}
                if row.data == "ptbxl" else {"encoder_store": stores["reference"], "encoder_cache": base / "encoder-reference"})
-    evaluation = folder / ("eval" if row.guidance == GUIDANCE_CONDITION else f"eval-g{row.guidance:g}")
+    evaluation = folder / f"eval{row.sampling_suffix}"
     metrics = run_evaluation(model, store=stores["pooled"], out=evaluation, twins_per_patient=row.twins_per_patient,
-                             guidance=row.guidance, precision=row.precision, encoder_steps=scale.encoder_steps,
+                             guidance=row.guidance, guidance_person=row.guidance_person, precision=row.precision, encoder_steps=scale.encoder_steps,
                              max_patients=row.eval_patients, downstream=False, progress=False, **encoder)
     return {"row": dataclasses.asdict(row), "name": row.name, "rounds": rounds, "local_steps": steps,
             "noise_on_mean_update": _noise_on_mean(folder / "sites"),
             "metrics": {k: metrics.get(k) for k in ("fid", "f1", "clip_score", "hr_mae", "condition_accuracy",
-                                                     "similarity", "identification_top1")},
+                                                     "similarity", "identification_top1",
+                                                     "identification_ibe_top1")},
             "intervals": metrics.get("intervals", {}),
             "real": {k: metrics.get(k) for k in ("clip_score_real", "hr_mae_real", "condition_accuracy_real",
-                                                  "identification_chance_top1", "identification_real_top1")},
+                                                  "identification_chance_top1", "identification_real_top1",
+                                                  "identification_ibe_real_top1")},
             **({"train_wall_s": None, "train_cpu_s": None, "model_from": row.model_name} if reused else
                {"train_wall_s": round(trained - started, 1), "train_cpu_s": round(cpu1 - cpu0, 1)}),
             "eval_wall_s": round(time.perf_counter() - trained, 1),
@@ -192,8 +201,7 @@ def regimes(data: Path = DATA, out: Path = REGIMES) -> Path:
     same size), and above which it COLLAPSES (FID more than 3x the non-private one); in between it degrades.
     `ecgtwin privacy plan` reads it to tell a privacy officer what a budget buys."""
     rows = [r for r in json.loads(data.read_text())["rows"].values() if r["row"].get("precision", "fp32") == "fp32"
-            and r["metrics"] is not None and r["row"].get("data", "synthetic") == "synthetic"
-            and r["row"].get("guidance", GUIDANCE_CONDITION) == GUIDANCE_CONDITION]
+            and r["metrics"] is not None and r["row"].get("data", "synthetic") == "synthetic" and default_sampling(r)]
     verdicts = []
     for r in rows:
         if r["row"]["start"] != "foundation" or r["row"]["epsilon"] is None or "twin" not in r["noise_on_mean_update"]:
@@ -325,8 +333,7 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
 
     rows = [r for r in json.loads(data.read_text())["rows"].values()  # PTB-XL's rows: in the table only
             if r["row"].get("precision", "fp32") == "fp32" and r["metrics"] is not None
-            and r["row"].get("data", "synthetic") == "synthetic"
-            and r["row"].get("guidance", GUIDANCE_CONDITION) == GUIDANCE_CONDITION]  # other guidance: table only
+            and r["row"].get("data", "synthetic") == "synthetic" and default_sampling(r)]  # other guidance: table only
     keys = (("fid", "FID (lower is better)"), ("hr_mae", "HR MAE, bpm"), ("condition_accuracy", "condition accuracy"),
             ("identification_top1", "identification top-1"))
     fig = new_figure(figsize=(13, 4.6))
@@ -359,10 +366,19 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
     return png
 
 
+def default_sampling(r: dict) -> bool:
+    """Whether a recorded row's twins were generated with the default condition and person guidance."""
+    return (r["row"].get("guidance", GUIDANCE_CONDITION) == GUIDANCE_CONDITION
+            and r["row"].get("guidance_person", GUIDANCE_PERSON) == GUIDANCE_PERSON)
+
+
 def guidance_models(rows: list[dict]) -> dict[str, list[dict]]:
-    """Model name -> its rows, for the models evaluated at more than one condition guidance."""
+    """Model name -> its rows, for the models evaluated at more than one condition guidance (person guidance
+    at its default)."""
     models: dict[str, list[dict]] = {}
     for r in rows:
+        if r["row"].get("guidance_person", GUIDANCE_PERSON) != GUIDANCE_PERSON:
+            continue
         models.setdefault(Row(**{k: v for k, v in r["row"].items() if k != "guidance"}).model_name, []).append(r)
     return {name: members for name, members in models.items() if len(members) > 1}
 
@@ -419,6 +435,8 @@ def main() -> None:
                         help=f"learning rate of the fine-tuned stages (default {Row.finetune_lr:g})")
     parser.add_argument("--guidance", type=float, default=GUIDANCE_CONDITION,
                         help="condition guidance of the evaluation's twins (default 2); reuses the row's model if trained")
+    parser.add_argument("--person-guidance", type=float, default=GUIDANCE_PERSON,
+                        help="person guidance of the evaluation's twins (default 2); reuses the row's model if trained")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -441,7 +459,8 @@ def main() -> None:
               start=args.start,
               vae="dp" if args.start == "scratch" else args.vae, trainable=args.trainable,
               foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data,
-              eval_patients=args.eval_patients, guidance=args.guidance, finetune_lr=args.finetune_lr,
+              eval_patients=args.eval_patients, guidance=args.guidance,
+              guidance_person=args.person_guidance, finetune_lr=args.finetune_lr,
               local_steps=args.local_steps)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row

@@ -396,7 +396,8 @@ def privacy_utility(d: dict) -> str:
     starts = {"public-only": 0, "foundation": 1, "scratch": 2}
     order = lambda r: (r["row"].get("data", "synthetic") == "ptbxl", r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
                        r["row"]["trainable"], r["row"].get("precision", "fp32") != "fp32", r["row"]["batch_patients"],
-                       r["row"]["finetune_lr"], r["row"].get("guidance", 2.0), -(r["row"]["epsilon"] or 1e9))
+                       r["row"]["finetune_lr"], r["row"].get("guidance", 2.0), r["row"].get("guidance_person", 2.0),
+                       -(r["row"]["epsilon"] or 1e9))
     for r in sorted(d["rows"].values(), key=order):
         row, m, ci = r["row"], r["metrics"] or {}, r.get("intervals", {})
 
@@ -413,6 +414,7 @@ def privacy_utility(d: dict) -> str:
         trainable += "" if row["batch_patients"] == default_batch else f", {row['batch_patients']} a step"
         trainable += "" if row["finetune_lr"] == 2e-4 else f", lr {row['finetune_lr']:g}"
         trainable += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
+        trainable += "" if row.get("guidance_person", 2.0) == 2.0 else f", person guidance {row['guidance_person']:g}"
         size = "PTB-XL" if row.get("data") == "ptbxl" else str(row["patients_per_site"])
         vae = "trained" if row["vae"] == "dp" and row["epsilon"] is None else row["vae"]  # no DP, no noise
         rows.append([size, eps, row["start"], vae, trainable,

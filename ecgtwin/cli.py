@@ -275,6 +275,7 @@ def _add_cohort(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num", type=int, default=2, help="twins per patient and report (default 2)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition")
+    p.add_argument("--person-guidance", type=float, help="classifier-free guidance scale for the person (1 = none)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=64,
                    help="twins sampled together, across patients and reports (default 64; larger on a GPU)")
@@ -289,7 +290,8 @@ def _run_cohort(args: argparse.Namespace) -> dict:
     from ecgtwin.twin import generate_cohort
 
     return generate_cohort(args.checkpoint, args.store, args.report, args.out, patients=args.patients,
-                           n=args.num, steps=args.steps, guidance_condition=args.guidance, seed=args.seed,
+                           n=args.num, steps=args.steps, guidance_condition=args.guidance,
+                           guidance_person=args.person_guidance, seed=args.seed,
                            progress=not args.no_progress, device=resolve_device(args.device),
                            batch_size=args.batch_size, precision=args.precision, compile=args.compile)
 
@@ -566,6 +568,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, help="sampler (default: the config's)")
     p.add_argument("--steps", type=int, help="sampling steps for ddim/dpm++ (default: the config's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale for the condition (1 = none)")
+    p.add_argument("--person-guidance", type=float, help="classifier-free guidance scale for the person (1 = none)")
     p.add_argument("--encoder-steps", type=int, help="training steps of the evaluation encoder (default 400)")
     p.add_argument("--encoder-cache", type=Path, help="folder of a cached evaluation encoder (default OUT/encoder)")
     p.add_argument("--encoder-store", type=Path, help="train the encoder on this other store instead")
@@ -583,7 +586,7 @@ def _run_evaluate(args: argparse.Namespace) -> dict:
 
     result = run_evaluation(args.checkpoint, args.store, args.out, twins_per_patient=args.twins_per_patient,
                             sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                            encoder_steps=args.encoder_steps, encoder_cache=args.encoder_cache,
+                            guidance_person=args.person_guidance, encoder_steps=args.encoder_steps, encoder_cache=args.encoder_cache,
                             encoder_store=args.encoder_store, max_patients=args.max_patients,
                             downstream=not args.no_downstream, seed=args.seed, progress=not args.no_progress,
                             device=resolve_device(args.device), precision=args.precision, compile=args.compile)

@@ -157,6 +157,16 @@ class TwinGenerator:
         return self.ibe(latent, *self._tokens([reference.condition], 1))
 
     @torch.no_grad()
+    def base_vectors(self, signals: np.ndarray, conditions: list[Condition], batch_size: int = 128) -> np.ndarray:
+        """`base_vector` of many ECGs (n, 12, n_samples), each under its own condition: (n, base_dim)."""
+        out = []
+        for i in range(0, len(signals), batch_size):
+            x = torch.tensor(np.asarray(signals[i:i + batch_size]), dtype=torch.float32, device=self.device)
+            latent = self.vae.encode(x)[0] * LATENT_SCALE
+            out.append(self.ibe(latent, *self._tokens(list(conditions[i:i + batch_size]), 1)).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.model.ibe.base_dim), np.float32)
+
+    @torch.no_grad()
     def generate(self, reference: Reference, target: Condition, n: int = 1, sampler: str | None = None,
                  steps: int | None = None, guidance_condition: float | None = None,
                  guidance_person: float | None = None, seed: int = 0, progress: bool = False) -> np.ndarray:
@@ -267,7 +277,7 @@ def generate_cohort(checkpoint_dir: str | Path, store_path: str | Path, reports:
                     patients: int = 10, n: int = 2, steps: int | None = None,
                     guidance_condition: float | None = None, seed: int = 0, progress: bool = True,
                     device: torch.device | str = "cpu", batch_size: int = 64, precision: str | None = None,
-                    compile: bool | None = None) -> dict:
+                    compile: bool | None = None, guidance_person: float | None = None) -> dict:
     """Twins of the first `patients` patients of a store (earliest ECG as reference) under each report,
     sampled `batch_size` twins at a time across patients and reports."""
     generator = TwinGenerator(checkpoint_dir, device=device, precision=precision, compile=compile)
@@ -285,7 +295,7 @@ def generate_cohort(checkpoint_dir: str | Path, store_path: str | Path, reports:
         chunk = arms[start:start + per_batch]
         twins = generator.generate_batch([(references[p], target) for p, _, target in chunk], n=n,
                                          batch_size=batch_size, steps=steps, guidance_condition=guidance_condition,
-                                         seed=seed + start)
+                                         guidance_person=guidance_person, seed=seed + start)
         for (patient, r_index, target), arm in zip(chunk, twins):
             written = write_twins(out / _safe(patient), arm, generator.preprocess.fs, references[patient], target,
                                   out_fs=generator.config.generate.out_fs, prefix=f"arm{r_index}")

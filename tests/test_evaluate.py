@@ -19,9 +19,11 @@ from ecgtwin.evaluate import metrics as M
 from ecgtwin.evaluate.downstream import classification_scores, fit_head, predict
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+FOUNDATION = Path(__file__).resolve().parents[1] / "foundations" / "demo"
 FS = 102.4
 KEYS = ("fid", "precision", "recall", "f1", "clip_score", "hr_mae", "hr_mae_keep_reference", "vae_relative_error", "condition_accuracy", "per_condition",
-        "similarity", "silhouette", "identification_top1", "identification_top5", "downstream", "sanity")
+        "similarity", "silhouette", "identification_top1", "identification_top5", "identification_ibe_top1",
+        "identification_ibe_real_top1", "downstream", "sanity")
 
 
 def clusters(n_patients: int, per: int, dim: int = 16, spread: float = 0.05, seed: int = 0):
@@ -212,7 +214,7 @@ def test_evaluate_end_to_end_writes_every_metric_and_the_report(tiny, tmp_path):
     out = tmp_path / "eval"
     code, stdout, stderr = run_cli("evaluate", "--checkpoint", str(tiny["ckpt"]), "--store", str(tiny["store"]),
                                    "--out", str(out), "--json", "--no-progress", "--twins-per-patient", "2",
-                                   "--steps", "4", "--encoder-steps", "20")
+                                   "--steps", "4", "--encoder-steps", "20", "--person-guidance", "3")
     assert code == 0, stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(stdout)["fid"] == metrics["fid"]
@@ -229,6 +231,7 @@ def test_evaluate_end_to_end_writes_every_metric_and_the_report(tiny, tmp_path):
         low, high = metrics["intervals"][key]
         assert low <= high, key
     setup = metrics["setup"]
+    assert setup["guidance_person"] == 3.0
     assert setup["twin_patients"] >= 2 and setup["encoder_patients"] >= 1 and not setup["encoder_cached"]
     for name in ("report.html", "tsne_patient.png", "tsne_condition.png", "real_vs_twin_0.png"):
         assert (out / name).stat().st_size > 0, name
@@ -342,3 +345,29 @@ def test_at_most_n_twin_patients_are_a_seeded_draw_from_all_held_out_patients(ti
     assert some == sorted(some, key=every.index) == choose_patients(store, config, 0.5, store, 3)[1]
     with pytest.raises(UserError, match="need 2 or more"):
         choose_patients(store, config, 0.5, store, 1)
+
+
+def test_identification_in_the_person_space_finds_a_patients_own_ecg_and_not_anothers(tiny):
+    """Known answers for the IBE-space identification: "twins" that are real later ECGs of the patients (under
+    their own condition, as a twin is asked for) are each nearest their own ECG in the gallery; the same
+    signals attributed to the wrong patients are identified as the patients they really are."""
+    from ecgtwin.evaluate.run import TwinSet, person_identification
+    from ecgtwin.twin import TwinGenerator
+
+    generator, store = TwinGenerator(FOUNDATION), SiteStore(tiny["store"])  # a trained, public IBE
+    patients = [p for p in store.patients if len(store.records_of(p)) >= 2][:12]
+    targets = np.array([store.records_of(p)[1] for p in patients])
+    gallery = np.concatenate([store.records_of(p) for p in patients])
+    real = np.asarray(store.signals[gallery])
+    gallery_patients = store.records.patient_id.to_numpy()[gallery]
+
+    def twins(signal_rows: np.ndarray) -> TwinSet:
+        n = len(patients)
+        return TwinSet(np.asarray(store.signals[signal_rows]), np.array(patients), np.zeros(n, int), targets,
+                       [""] * n, np.full(n, np.nan), ["{}"] * n)
+
+    own = person_identification(generator, store, twins(targets), gallery, real, gallery_patients)
+    assert own["identification_ibe_top1"] == 1.0
+    assert 0.0 <= own["identification_ibe_real_top1"] <= 1.0
+    shifted = person_identification(generator, store, twins(np.roll(targets, 1)), gallery, real, gallery_patients)
+    assert shifted["identification_ibe_top1"] <= 1 / 3

@@ -13,6 +13,8 @@ from bench.privacy_utility import Row, regimes  # noqa: E402
 def test_rows_that_differ_only_in_guidance_share_one_model():
     default, strong = Row(patients_per_site=2000), Row(patients_per_site=2000, guidance=4.0)
     assert strong.name == default.name + "-g4" and strong.model_name == default.name
+    person = Row(patients_per_site=2000, guidance=4.0, guidance_person=8.0)
+    assert person.name == default.name + "-g4-p8" and person.model_name == default.name
     assert Row(patients_per_site=2000, batch_patients=128).model_name == default.name + "-b128"
     assert Row(patients_per_site=2000, trainable="lora", finetune_lr=2e-3).name == \
         "n2000-eps8-foundation-vaefrozen-lora-lr0.002"
@@ -29,6 +31,7 @@ def test_regimes_judge_a_dp_row_against_the_non_private_row_of_its_size_at_the_d
     rows = [entry(Row(patients_per_site=2000, epsilon=None), 40.0, 0.66, None),
             entry(Row(patients_per_site=2000, epsilon=8.0, batch_patients=128), 50.0, 0.60, 0.008),  # works
             entry(Row(patients_per_site=2000, epsilon=8.0, guidance=4.0), 500.0, 0.1, 0.9),  # ignored: guidance
+            entry(Row(patients_per_site=2000, epsilon=8.0, guidance_person=8.0), 500.0, 0.1, 0.9),  # and person's
             entry(Row(patients_per_site=50, epsilon=3.0), 130.0, 0.2, 0.5)]  # no non-private row at 50: skipped
     data = tmp_path / "pu.json"
     data.write_text(json.dumps({"rows": {r["name"]: r for r in rows}}))
@@ -39,7 +42,9 @@ def test_regimes_judge_a_dp_row_against_the_non_private_row_of_its_size_at_the_d
 
 def test_the_guidance_figure_draws_each_model_evaluated_at_several_guidances(tmp_path):
     rows = [entry(Row(patients_per_site=2000, epsilon=None, guidance=g), 40.0 + g, 0.5 + g / 20, None)
-            for g in (1.0, 2.0, 4.0)] + [entry(Row(patients_per_site=50, epsilon=None), 30.0, 0.6, None)]
+            for g in (1.0, 2.0, 4.0)] + [entry(Row(patients_per_site=50, epsilon=None), 30.0, 0.6, None),
+                                         entry(Row(patients_per_site=2000, epsilon=None, guidance_person=8.0),
+                                               45.0, 0.6, None)]  # another person guidance: not on this curve
     for r in rows:
         r["metrics"]["hr_mae"], r["intervals"] = 7.0, {}
     data = tmp_path / "pu.json"

@@ -22,7 +22,7 @@ from ecgtwin.plot import new_figure, plot_ecg_paper
 HEADLINE = ("fid", "precision", "recall", "f1", "clip_score", "clip_score_real", "hr_mae", "hr_mae_real",
             "condition_accuracy", "condition_accuracy_real", "similarity", "silhouette",
             "identification_top1", "identification_chance_top1", "identification_real_top1", "identification_top5",
-            "identification_chance_top5")
+            "identification_chance_top5", "identification_ibe_top1", "identification_ibe_real_top1")
 
 
 def _primary(labels_json: str) -> str:

@@ -98,7 +98,8 @@ def choose_patients(store: SiteStore, config, encoder_fraction: float, encoder_s
 
 
 def generate_twins(generator, store: SiteStore, patients: list[str], twins_per_patient: int, sampler: str | None,
-                   steps: int | None, guidance: float | None, seed: int, progress: bool) -> TwinSet:
+                   steps: int | None, guidance: float | None, seed: int, progress: bool,
+                   guidance_person: float | None = None) -> TwinSet:
     from ecgtwin.twin import Condition, reference_from_store
 
     out: dict[str, list] = {k: [] for k in ("signals", "patients", "ref", "target", "reports", "hr", "labels")}
@@ -119,7 +120,8 @@ def generate_twins(generator, store: SiteStore, patients: list[str], twins_per_p
             condition = Condition(report_text(rec), None if np.isnan(hr) else float(hr),
                                   None if np.isnan(age) else float(age), rec["sex"] if rec["sex"] in SEX_CODE else None)
             twins = generator.generate(reference, condition, n=int(n), sampler=sampler, steps=steps,
-                                       guidance_condition=guidance, seed=seed + 1000 * p_index + t_index)
+                                       guidance_condition=guidance, guidance_person=guidance_person,
+                                       seed=seed + 1000 * p_index + t_index)
             out["signals"].append(twins)
             out["patients"] += [patient] * int(n)
             out["ref"] += [int(rows[0])] * int(n)
@@ -148,7 +150,7 @@ def get_encoder(store: SiteStore, rows: np.ndarray, config: EncoderConfig, cache
 
 def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, twins_per_patient: int = 4,
                    sampler: str | None = None, steps: int | None = None, guidance: float | None = None,
-                   encoder_steps: int | None = None, encoder_fraction: float = 0.5,
+                   guidance_person: float | None = None, encoder_steps: int | None = None, encoder_fraction: float = 0.5,
                    encoder_cache: str | Path | None = None, encoder_store: str | Path | None = None,
                    max_patients: int | None = None, downstream: bool = True, downstream_twins: int = 2,
                    report: bool = True, seed: int = 0, progress: bool = True,
@@ -190,7 +192,8 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     out.mkdir(parents=True, exist_ok=True)
     encoder, cached = get_encoder(enc_source, enc_rows, enc_config, Path(encoder_cache or out / "encoder"), progress)
 
-    twins = generate_twins(generator, site, twin_patients, twins_per_patient, sampler, steps, guidance, seed, progress)
+    twins = generate_twins(generator, site, twin_patients, twins_per_patient, sampler, steps, guidance, seed, progress,
+                           guidance_person)
     fs = site.fs
     twin_set = M.SignalSet(twins.signals, fs, LEADS, "twins")
     real_rows = np.concatenate([site.records_of(p) for p in twin_patients])  # gallery: every real ECG of them
@@ -242,6 +245,7 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     ident = M.identification(f_twin, twins.patients, f_real, real_patients)
     result.update(ident)
     result.update(M.identification_real(f_real, real_patients))
+    result.update(person_identification(generator, site, twins, real_rows, real_set.signals, real_patients))
     result["sanity"] = {"twins": M.sanity(twin_set, hr_twin), "real": M.sanity(target_set, hr_real)}
     result["vae_relative_error"] = vae_relative_error(generator, target_set.signals)
     target_patients = site.records.patient_id.to_numpy()[target_rows]
@@ -258,6 +262,7 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
         "injector": config.model.dit.injector,
         "sampler": sampler or settings.sampler, "steps": None if (sampler or settings.sampler) == "ddpm"
         else steps or settings.steps, "guidance": settings.guidance_condition if guidance is None else guidance,
+        "guidance_person": settings.guidance_person if guidance_person is None else guidance_person,
         "held_out_patients": len(held_out_patients(site, config)), "twin_patients": len(twin_patients),
         "encoder_patients": int(enc_source.records.patient_id.iloc[enc_rows].nunique()) if len(enc_rows) else 0,
         "encoder_records": int(len(enc_rows)), "encoder_store": str(encoder_store) if encoder_store else None,
@@ -270,6 +275,22 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     if report:
         result["report"] = str(write_report(out, result, site, twins, f_twin, f_real, real_rows, encoder))
     return result
+
+
+def person_identification(generator, site: SiteStore, twins: TwinSet, real_rows: np.ndarray, real: np.ndarray,
+                          real_patients: np.ndarray) -> dict:
+    """Identification in the generator's own person space: the IBE's base vector of each twin (under the
+    condition it was asked for) against those of the real gallery (under their own), and the same leave
+    one out for the real ECGs. Not independent of the generator, so a diagnostic beside the encoder's
+    `identification_top1`: it says whether the person the twin was conditioned on survives sampling."""
+    from ecgtwin.twin import reference_from_store
+
+    condition = lambda row: reference_from_store(site, int(row)).condition  # noqa: E731  what was asked / shown
+    b_twin = generator.base_vectors(twins.signals, [condition(r) for r in twins.target_rows])
+    b_real = generator.base_vectors(real, [condition(r) for r in real_rows])
+    ident = M.identification(b_twin, twins.patients, b_real, real_patients, ks=(1,))
+    real_top1 = M.identification_real(b_real, real_patients)["identification_real_top1"]
+    return {"identification_ibe_top1": ident["identification_top1"], "identification_ibe_real_top1": real_top1}
 
 
 def vae_relative_error(generator, signals: np.ndarray) -> float:
