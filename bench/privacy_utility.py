@@ -309,6 +309,10 @@ def _config(row: Row, folder: Path) -> Path:
     if row.start == "foundation":
         for stage in ("ibe", "twin"):
             config.stage(stage).trainable, config.stage(stage).lr = row.trainable, row.finetune_lr
+            if row.trainable == "modules":  # chosen on public data only (bench.weight_movement)
+                from bench.weight_movement import chosen_modules
+
+                config.stage(stage).trainable_modules = chosen_modules(stage)
         if row.vae == "dp":
             config.vae.lr = row.finetune_lr
     path = folder / "config.yaml"

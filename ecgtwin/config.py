@@ -60,10 +60,18 @@ class StageConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
-    # what a pass trains (ecgtwin.models.finetune): all | condition | lora | frozen (used as is, e.g. from a
-    # foundation: not trained, not sent, no privacy cost); lora_rank is the adapters' rank
+    # what a pass trains (ecgtwin.models.finetune): all | condition | lora | modules | frozen (used as is, e.g.
+    # from a foundation: not trained, not sent, no privacy cost); lora_rank is the adapters' rank,
+    # trainable_modules the dotted module names that `modules` trains
     trainable: str = "all"
     lora_rank: int = 4
+    trainable_modules: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.trainable == "modules" and not self.trainable_modules:
+            raise ValueError("trainable: modules needs trainable_modules (dotted module names, e.g. blocks.1.cross_attn)")
+        if self.trainable_modules and self.trainable != "modules":
+            raise ValueError(f"trainable_modules is only read by trainable: modules, not {self.trainable!r}")
 
 
 @dataclasses.dataclass
@@ -72,6 +80,7 @@ class VAEStageConfig(StageConfig):
     kl_ramp_steps: int = 500
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.trainable in ("condition", "lora"):  # a convolutional auto-encoder of the signal alone
             raise ValueError(f"trainable: the VAE has no condition pathway and no attention or MLP projections "
                              f"for {self.trainable!r}; use all or frozen")

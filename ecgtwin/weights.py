@@ -51,7 +51,15 @@ def trainable_names(stage: str, config: ExperimentConfig) -> list[str]:
     noises and the only ones a reply carries (the others stay bit-identical)."""
     with torch.device("meta"):
         module = build_module(stage, config)
-    return module_trainable_names(module, config.stage(stage).trainable)
+    return _names(module, stage, config)
+
+
+def _names(module: torch.nn.Module, stage: str, config: ExperimentConfig) -> list[str]:
+    settings = config.stage(stage)
+    try:
+        return module_trainable_names(module, settings.trainable, settings.trainable_modules)
+    except ValueError as exc:  # a module name that the model does not have: the config's mistake
+        raise UserError(f"{stage}.{exc}") from exc
 
 
 def trainable_shapes(stage: str, config: ExperimentConfig) -> dict[str, tuple[int, ...]]:
@@ -67,7 +75,7 @@ def parameter_count(stage: str, config: ExperimentConfig) -> int:
 
 def select_trainable(module: torch.nn.Module, stage: str, config: ExperimentConfig) -> torch.nn.Module:
     """Freeze every parameter the stage's `trainable` setting does not train."""
-    return train_only(module, module_trainable_names(module, config.stage(stage).trainable))
+    return train_only(module, _names(module, stage, config))
 
 
 def trainable_part(stage: str, config: ExperimentConfig, weights: Mapping[str, np.ndarray]) -> Weights:

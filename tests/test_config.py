@@ -25,6 +25,8 @@ def test_shipped_configs_load_and_round_trip(tmp_path):
     ("model:\n  dit:\n    injector: film\n", "model.dit.injector: must be one of"),
     ("model:\n  ibe:\n    base_dim: 32\n", "model: IBE base vector"),
     ("vae: [1, 2]\n", "vae: expected a mapping"),
+    ("twin:\n  trainable: modules\n", "twin: trainable: modules needs trainable_modules"),
+    ("twin:\n  trainable_modules: [final_layer]\n", "twin: trainable_modules is only read by trainable: modules"),
     ("vae: {steps: 3\n", "not valid YAML"),
 ])
 def test_bad_configs_name_the_file_and_key(tmp_path, text, message):
@@ -65,3 +67,17 @@ def test_a_config_names_a_base_file_and_holds_only_what_differs(tmp_path):
     (tmp_path / "bad.yaml").write_text(f"base: {CONFIGS / 'demo.yaml'}\nvae:\n  stepz: 7\n")
     with pytest.raises(ConfigError, match="bad.yaml: vae.stepz: unknown key"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_module_name_the_model_lacks_is_a_clear_error(tmp_path):
+    from ecgtwin.errors import UserError
+    from ecgtwin.weights import trainable_names
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    config.twin.trainable, config.twin.trainable_modules = "modules", ["final_layer", "blocks.9.attn"]
+    with pytest.raises(UserError, match="twin.trainable_modules: 'blocks.9.attn' names no parameter of AdaXDenoiser"):
+        trainable_names("twin", config)
+    config.twin.trainable_modules = ["final_layer", "blocks.1"]  # a prefix: every parameter under it
+    names = trainable_names("twin", config)
+    assert names and all(n.startswith(("final_layer.", "blocks.1.")) for n in names)
+    assert any(n.startswith("blocks.1.mlp.") for n in names) and not any(n.startswith("blocks.10") for n in names)

@@ -765,12 +765,15 @@ def fine_tuning_config(consortium, tmp_path: Path, **trainable) -> Path:
     config = copy.deepcopy(consortium["config"])
     for stage, mode in trainable.items():
         config.stage(stage).trainable = mode
+        if mode == "modules":  # the twin stage's: one block's cross-attention and the output layer
+            config.stage(stage).trainable_modules = ["blocks.0.cross_attn", "final_layer"]
     path = tmp_path / f"fine-tune-{'-'.join(f'{s}-{m}' for s, m in trainable.items())}.yaml"
     save_config(config, path)
     return path
 
 
-@pytest.mark.parametrize("stage,mode", [("ibe", "condition"), ("twin", "condition"), ("twin", "lora")])
+@pytest.mark.parametrize("stage,mode", [("ibe", "condition"), ("twin", "condition"), ("twin", "lora"),
+                                        ("twin", "modules")])
 def test_a_condition_or_lora_dp_pass_changes_only_the_chosen_parameters(consortium, sites, tmp_path, foundation,
                                                                          stage, mode):
     """From a foundation's weights, a DP pass of `mode` moves its chosen tensors, leaves every other tensor
@@ -790,9 +793,13 @@ def test_a_condition_or_lora_dp_pass_changes_only_the_chosen_parameters(consorti
     assert refusal is None and set(metrics) == {"num-examples", "epsilon", "delta"}
     chosen = set(trainable_names(stage, config))
     module = build_module(stage, config)
-    assert chosen == set(pattern_names(module, mode)) and 0 < len(chosen) < len(sent[stage])
+    assert chosen == set(pattern_names(module, mode, config.stage(stage).trainable_modules))
+    assert 0 < len(chosen) < len(sent[stage])
     if mode == "lora":
         assert all(".lora_" in n for n in chosen)
+    elif mode == "modules":
+        assert chosen == {n for n, _ in module.named_parameters()
+                          if n.startswith(("blocks.0.cross_attn.", "final_layer."))}
     else:
         pathway = type(module).CONDITION_PATHWAY
         assert all(any(part in pathway for part in n.split(".")) for n in chosen)

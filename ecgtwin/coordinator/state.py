@@ -102,5 +102,6 @@ def run_start(settings: FederationSettings, config: ExperimentConfig) -> dict:
     trainable = {s: "frozen" if settings.rounds(s) == 0 or config.stage(s).trainable == "frozen" else
                  f"{config.stage(s).trainable}" + (f"-r{config.stage(s).lora_rank}"
                                                    if config.stage(s).trainable == "lora" else "")
+                 + ("-" + ",".join(config.stage(s).trainable_modules) if config.stage(s).trainable == "modules" else "")
                  for s in STAGES}
     return {"foundation": foundation, "trainable": trainable}

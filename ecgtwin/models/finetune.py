@@ -4,6 +4,9 @@ trainable parameters means less noise on each of them for the same privacy).
     all        every parameter
     condition  the condition pathway only (each model names its own: CONDITION_PATHWAY)
     lora       low-rank adapters (Hu et al. 2021) on every attention and MLP projection; the base is frozen
+    modules    the parameters under the named modules only (`trainable_modules`: dotted name prefixes such
+               as "blocks.1.cross_attn"), e.g. those that a non-private fine-tune on public data moved most
+               (bench.weight_movement)
     frozen     nothing: the stage is used as it is (not trained, not sent, no privacy cost)
 
 LoRA adapters are ordinary nn.Linear layers, so Opacus computes their per-sample gradients as for any
@@ -17,7 +20,7 @@ from torch import Tensor
 
 from .layers import Attention, Mlp
 
-MODES = ("all", "condition", "lora", "frozen")
+MODES = ("all", "condition", "lora", "modules", "frozen")
 
 
 class LoRALinear(nn.Linear):
@@ -52,9 +55,16 @@ def add_lora(module: nn.Module, rank: int) -> int:
     return adapted
 
 
-def trainable_names(module: nn.Module, mode: str) -> list[str]:
-    """Names of the parameters a pass of `mode` trains (and a reply carries), in state-dict order."""
+def trainable_names(module: nn.Module, mode: str, modules: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Names of the parameters a pass of `mode` trains (and a reply carries), in state-dict order; `modules`
+    are the dotted prefixes of mode "modules" (each must name at least one parameter)."""
     names = [n for n, _ in module.named_parameters()]
+    if mode == "modules":
+        unknown = [m for m in modules if not any(n == m or n.startswith(m + ".") for n in names)]
+        if not modules or unknown:
+            raise ValueError(f"trainable_modules: {unknown[0]!r} names no parameter of {type(module).__name__}"
+                             if unknown else "trainable: modules needs trainable_modules (dotted module names)")
+        return [n for n in names if any(n == m or n.startswith(m + ".") for m in modules)]
     if mode == "all":
         return names
     if mode == "frozen":
