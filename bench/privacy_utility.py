@@ -161,7 +161,10 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
     metrics = run_evaluation(model, store=stores["pooled"], out=evaluation, twins_per_patient=row.twins_per_patient,
                              guidance=row.guidance, guidance_person=row.guidance_person, precision=row.precision, encoder_steps=scale.encoder_steps,
                              max_patients=row.eval_patients, downstream=False, progress=False, **encoder)
+    modules = {} if row.trainable != "modules" else {
+        s: load_config(folder / "config.yaml").stage(s).trainable_modules for s in ("ibe", "twin")}
     return {"row": dataclasses.asdict(row), "name": row.name, "rounds": rounds, "local_steps": steps,
+            **({"trainable_modules": modules} if modules else {}),
             "noise_on_mean_update": _noise_on_mean(folder / "sites"),
             "metrics": {k: metrics.get(k) for k in ("fid", "f1", "clip_score", "hr_mae", "condition_accuracy",
                                                      "similarity", "identification_top1",

@@ -376,13 +376,14 @@ def privacy_canary(d: dict) -> str:
     return table(["run", "epsilon claimed", "guesses right", f"epsilon lower bound ({d['confidence']:.0%})"], rows)
 
 
-def twin_parameters(trainable: str) -> int:
-    """The twin stage's trainable parameters in the privacy-utility rows' model (configs/demo.yaml)."""
+def twin_parameters(trainable: str, modules: list[str] = ()) -> int:
+    """The twin stage's trainable parameters in the privacy-utility rows' model (configs/demo.yaml); `modules`
+    are those a `modules` row trained (recorded with the row)."""
     from ecgtwin.config import load_config
     from ecgtwin.weights import parameter_count
 
     config = load_config(ROOT / "configs" / "demo.yaml")
-    config.twin.trainable = trainable
+    config.twin.trainable, config.twin.trainable_modules = trainable, list(modules)
     return parameter_count("twin", config)
 
 
@@ -421,13 +422,51 @@ def privacy_utility(d: dict) -> str:
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
                      f(r.get("real", {}).get("identification_real_top1"), 2),
                      "n/a" if noise is None else f(noise, 4),
-                     "n/a" if noise is None else f(noise * twin_parameters(row["trainable"]) ** 0.5, 1),
+                     "n/a" if noise is None else
+                     f(noise * twin_parameters(row["trainable"], r.get("trainable_modules", {}).get("twin", ())) ** 0.5, 1),
                      minutes(r["train_wall_s"]),
                      # rows measured before the process-tree meter counted only the bench process, not Ray's workers
                      minutes(r["train_cpu_s"]) if "cpu_measured_by" in r else "n/a"])
     return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
                   "cond. acc.", "id. top-1", "id. top-1 of real ECGs", "twin noise / mean",
                   "twin noise norm / C", "train wall min", "train CPU min"], rows)
+
+
+def privacy_person_guidance(d: dict) -> str:
+    """The models evaluated at more than one person guidance (condition guidance 2): does a twin keep the
+    person, by the evaluation encoder and in the generator's own person space (IBE)?"""
+    groups: dict[str, list[dict]] = {}
+    for r in d["rows"].values():
+        row = r["row"]
+        if r["metrics"] is None or row.get("guidance", 2.0) != 2.0:
+            continue
+        key = {k: v for k, v in row.items() if k != "guidance_person"}
+        groups.setdefault(json.dumps(key, sort_keys=True), []).append(r)
+    rows = []
+    for members in groups.values():
+        if len({m["row"].get("guidance_person", 2.0) for m in members}) < 2:
+            continue
+        for r in sorted(members, key=lambda m: m["row"].get("guidance_person", 2.0)):
+            row, m, real = r["row"], r["metrics"], r.get("real", {})
+            rows.append([f"{row['patients_per_site']}", "no DP" if row["epsilon"] is None else f"{row['epsilon']:g}",
+                         row["start"], f(row.get("guidance_person", 2.0), 0),
+                         f(m["identification_top1"], 3), f(real.get("identification_real_top1"), 3),
+                         f(m.get("identification_ibe_top1"), 3), f(real.get("identification_ibe_real_top1"), 3),
+                         f(real.get("identification_chance_top1"), 4),
+                         f(m["fid"], 1), f(m["condition_accuracy"], 2), f(m["hr_mae"], 1)])
+    return table(["patients / site", "epsilon", "start", "person guidance", "id. top-1", "id. top-1 of real ECGs",
+                  "id. top-1, IBE", "id. top-1 of real ECGs, IBE", "chance", "FID", "cond. acc.", "HR MAE"], rows)
+
+
+def privacy_weight_movement(d: dict) -> str:
+    """bench.weight_movement: per stage, the modules chosen for `trainable: modules` and what they hold."""
+    rows = []
+    for stage, e in d["stages"].items():
+        top = ", ".join(f"{r['module']} ({r['share']:.0%})" for r in e["modules"] if r["module"] in e["chosen"])
+        rows.append([stage, str(e["steps"]), top, f"{e['chosen_parameters']:,} of {e['all_parameters']:,}",
+                     f"{e['chosen_share']:.0%}"])
+    return table(["stage", "public fine-tuning steps", "chosen modules (share of the squared change)",
+                  "parameters", "share held"], rows)
 
 
 REGIONS = {
@@ -455,6 +494,8 @@ REGIONS = {
     "bench-hr-follow": ("benchmarks.md", "benchmarks/hr_follow", bench_hr_follow),
     "privacy-canary": ("privacy.md", "audits/canary", privacy_canary),
     "privacy-utility": ("privacy.md", "privacy_utility", privacy_utility),
+    "privacy-person-guidance": ("privacy.md", "privacy_utility", privacy_person_guidance),
+    "privacy-weight-movement": ("privacy.md", "benchmarks/weight_movement", privacy_weight_movement),
 }
 
 

@@ -95,6 +95,16 @@ def test_similarity_silhouette_identification_with_known_answers():
     assert M.identification_real(real, shuffled)["identification_real_top1"] < 0.2
     singles = M.identification_real(real[::4], real_ids[::4])  # nobody has a second ECG: nothing to find
     assert singles["identification_real_top1"] is None
+    # a twin's rank depends on the gallery alone: any subset of twins scores the mean of its ranks (what the
+    # bootstrap resamples instead of ranking every draw again)
+    noisy = twins + 0.3 * np.random.default_rng(4).normal(size=twins.shape)
+    ranks = M.identification_ranks(noisy, twin_ids, real, real_ids)
+    subset = np.random.default_rng(5).choice(len(noisy), size=50, replace=True)
+    assert 0 < (ranks == 0).mean() < 1
+    assert M.identification(noisy[subset], twin_ids[subset], real, real_ids)["identification_top1"] == \
+        pytest.approx((ranks[subset] == 0).mean())
+    assert M.identification(noisy[subset], twin_ids[subset], real, real_ids)["identification_top5"] == \
+        pytest.approx((ranks[subset] < 5).mean())
 
 
 def test_clip_score_and_condition_scores():

@@ -221,6 +221,15 @@ def silhouette(features: np.ndarray, patients: Sequence) -> float:
     return float(silhouette_score(features, patients, metric="cosine"))
 
 
+def identification_ranks(twins: np.ndarray, twin_patients: Sequence, real: np.ndarray,
+                         real_patients: Sequence) -> np.ndarray:
+    """Per twin, the rank (0 = first) of its own patient in `identification`'s ranking. A twin's rank depends
+    on the gallery only, never on the other twins, so a bootstrap over twins resamples these ranks."""
+    real, twins = _pair(real, twins)
+    gallery = sorted(set(np.asarray(real_patients).tolist()))
+    return _identity_rank(_unit(twins) @ _unit(real).T, np.asarray(twin_patients), np.asarray(real_patients), gallery)
+
+
 def identification(twins: np.ndarray, twin_patients: Sequence, real: np.ndarray, real_patients: Sequence,
                    ks: Sequence[int] = (1, 5)) -> dict:
     """Re-identification: rank the real patients by the cosine of their nearest real ECG to the twin;
@@ -232,7 +241,7 @@ def identification(twins: np.ndarray, twin_patients: Sequence, real: np.ndarray,
     missing = set(twin_patients.tolist()) - set(gallery)
     if missing:
         raise ValueError(f"identification: no real ECG of patient(s) {sorted(missing)[:3]} in the gallery")
-    rank = _identity_rank(_unit(twins) @ _unit(real).T, twin_patients, real_patients, gallery)
+    rank = identification_ranks(twins, twin_patients, real, real_patients)
     out = {f"identification_top{k}": float((rank < k).mean()) for k in ks}
     out.update({f"identification_chance_top{k}": min(1.0, k / len(gallery)) for k in ks})
     out["identification_patients"] = len(gallery)
