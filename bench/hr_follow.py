@@ -200,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-patients", type=int, default=300,
                         help="references for the VAE round trip and the base-vector probe (default 300)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--record", action="store_true", help="write bench/data/benchmarks/hr_follow.json")
+    parser.add_argument("--rates", type=lambda t: tuple(float(x) for x in t.split(",")), default=REQUESTED_HR,
+                        help="requested rates, comma-separated (default " + ",".join(f"{r:g}" for r in REQUESTED_HR) + ")")
+    parser.add_argument("--name", default="hr_follow", choices=("hr_follow", "hr_follow_range"),
+                        help="the record: hr_follow (the default rates) or hr_follow_range (the issue's 40-150 bpm)")
+    parser.add_argument("--record", action="store_true", help="write bench/data/benchmarks/NAME.json")
     parser.add_argument("--plot", action="store_true", help="only draw docs/hr_follow.png from the committed JSON")
     args = parser.parse_args(argv)
     if args.plot:
@@ -210,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--checkpoint and --store are required (unless --plot)")
     result = {"machine": {"machine": platform.machine(), "python": platform.python_version()},
               **run(dict(args.checkpoint), args.store, args.patients, args.which or ["held-out"], args.guidance or [1.0, 2.0, 4.0],
-                    args.twins, REQUESTED_HR, args.batch_size, args.seed, args.probe_patients)}
+                    args.twins, args.rates, args.batch_size, args.seed, args.probe_patients)}
     if args.record:
         from bench.tables import record_benchmark
 
-        print(f"recorded in {record_benchmark('hr_follow', result, ' '.join([parser.prog, *(argv or sys.argv[1:])]))}")
+        print(f"recorded in {record_benchmark(args.name, result, ' '.join([parser.prog, *(argv or sys.argv[1:])]))}")
     return 0
 
 

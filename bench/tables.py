@@ -492,6 +492,7 @@ REGIONS = {
     "bench-device-cpu-training": ("benchmarks.md", "benchmarks/device-cpu", bench_device_training),
     "bench-device-cpu-generation": ("benchmarks.md", "benchmarks/device-cpu", bench_device_generation),
     "bench-hr-follow": ("benchmarks.md", "benchmarks/hr_follow", bench_hr_follow),
+    "bench-hr-follow-range": ("benchmarks.md", "benchmarks/hr_follow_range", bench_hr_follow),
     "privacy-canary": ("privacy.md", "audits/canary", privacy_canary),
     "privacy-utility": ("privacy.md", "privacy_utility", privacy_utility),
     "privacy-person-guidance": ("privacy.md", "privacy_utility", privacy_person_guidance),
