@@ -391,6 +391,36 @@ def minutes(seconds: float | None) -> str:
     return f(None if seconds is None else seconds / 60, 1)
 
 
+def recipe(row: dict) -> str:
+    """A privacy-utility row's fine-tuning recipe and sampling, where not the default."""
+    label = row["trainable"] + ("" if row.get("precision", "fp32") == "fp32" else f", {row['precision']}")
+    default_batch = 8 if row.get("data") == "ptbxl" else 32
+    label += "" if row["batch_patients"] == default_batch else f", {row['batch_patients']} a step"
+    label += "" if not row.get("local_steps") else f", {row['local_steps'][0]}+{row['local_steps'][1]} steps"
+    label += "" if row["finetune_lr"] == 2e-4 else f", lr {row['finetune_lr']:g}"
+    label += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
+    return label + ("" if row.get("guidance_person", 2.0) == 2.0 else f", person guidance {row['guidance_person']:g}")
+
+
+def privacy_gap(d: dict) -> str:
+    """bench.privacy_utility.gap_closed: what share of the public-only -> non-private gap each DP row closes."""
+    from bench.privacy_utility import gap_closed, unseen_code
+
+    code, rows = unseen_code(), []
+    pct = lambda x: "n/a" if x is None else f"{x:.0%}"  # noqa: E731
+    for g in sorted(gap_closed(list(d["rows"].values())),
+                    key=lambda g: (g["row"]["patients_per_site"], -g["row"]["epsilon"], recipe(g["row"]))):
+        shares = [g["fid_share"], g["condition_accuracy_share"], g["per_condition_share"].get(code)]
+        met = "n/a" if g["target"] is None else "unmeasured" if shares[2] is None and all(
+            x is not None and x >= g["target"] for x in shares[:2]) else \
+            "yes" if all(x is not None and x >= g["target"] for x in shares) else "no"
+        rows.append([str(g["row"]["patients_per_site"]), f"{g['row']['epsilon']:g}", recipe(g["row"]),
+                     f(g["fid"], 1), pct(shares[0]), f(g["condition_accuracy"], 2), pct(shares[1]),
+                     f(g["per_condition"].get(code), 2), pct(shares[2]), pct(g["target"]), met])
+    return table(["patients / site", "epsilon", "IBE + twin train", "FID", "FID gap closed", "cond. acc.",
+                  "cond. acc. gap closed", f"{code} recognised", f"{code} gap closed", "target", "met"], rows)
+
+
 def privacy_utility(d: dict) -> str:
     """The privacy-utility rows: `python -m bench.privacy_utility ... --record` as committed."""
     rows = []
@@ -410,12 +440,7 @@ def privacy_utility(d: dict) -> str:
 
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:g}"
         noise = r.get("noise_on_mean_update", {}).get("twin")
-        trainable = row["trainable"] + ("" if row.get("precision", "fp32") == "fp32" else f", {row['precision']}")
-        default_batch = 8 if row.get("data") == "ptbxl" else 32
-        trainable += "" if row["batch_patients"] == default_batch else f", {row['batch_patients']} a step"
-        trainable += "" if row["finetune_lr"] == 2e-4 else f", lr {row['finetune_lr']:g}"
-        trainable += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
-        trainable += "" if row.get("guidance_person", 2.0) == 2.0 else f", person guidance {row['guidance_person']:g}"
+        trainable = recipe(row)
         size = "PTB-XL" if row.get("data") == "ptbxl" else str(row["patients_per_site"])
         vae = "trained" if row["vae"] == "dp" and row["epsilon"] is None else row["vae"]  # no DP, no noise
         rows.append([size, eps, row["start"], vae, trainable,
@@ -496,6 +521,7 @@ REGIONS = {
     "privacy-canary": ("privacy.md", "audits/canary", privacy_canary),
     "privacy-utility": ("privacy.md", "privacy_utility", privacy_utility),
     "privacy-person-guidance": ("privacy.md", "privacy_utility", privacy_person_guidance),
+    "privacy-gap": ("privacy.md", "privacy_utility", privacy_gap),
     "privacy-weight-movement": ("privacy.md", "benchmarks/weight_movement", privacy_weight_movement),
 }
 

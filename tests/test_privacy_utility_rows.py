@@ -55,3 +55,27 @@ def test_the_guidance_figure_draws_each_model_evaluated_at_several_guidances(tmp
     assert list(models) == ["n2000-nonprivate-foundation-vaefrozen-all"] and len(models[list(models)[0]]) == 3
     png = plot_guidance(data, tmp_path / "guidance.png")
     assert png.stat().st_size > 10_000
+
+
+def test_the_gap_closed_is_measured_from_the_public_foundation_to_non_private_fine_tuning():
+    from bench.privacy_utility import gap_closed, unseen_code
+
+    code = unseen_code()
+    assert code == "LBBB"  # the public population's profile has no LBBB at all (ecgtwin/data/synthetic)
+    public = entry(Row(patients_per_site=2000, epsilon=None, start="public-only"), 48.0, 0.60, None)
+    best = entry(Row(patients_per_site=2000, epsilon=None), 40.0, 0.70, None)
+    lora = entry(Row(patients_per_site=2000, epsilon=None, trainable="lora"), 10.0, 0.99, None)  # not the ceiling
+    half = entry(Row(patients_per_site=2000, epsilon=8.0, batch_patients=128), 44.0, 0.62, 0.008)
+    worse = entry(Row(patients_per_site=2000, epsilon=3.0), 52.0, 0.55, 0.02)
+    guided = entry(Row(patients_per_site=2000, epsilon=8.0, guidance=4.0), 40.0, 0.70, 0.008)  # other sampling
+    alone = entry(Row(patients_per_site=50, epsilon=8.0), 30.0, 0.5, 0.5)  # no references at 50: skipped
+    public["per_condition"], best["per_condition"] = {code: 0.1, "AF": 0.9}, {code: 0.5, "AF": 0.8}
+    half["per_condition"] = {code: 0.4, "AF": 0.85}
+    shares = {g["name"]: g for g in gap_closed([public, lora, best, half, worse, guided, alone])}
+    assert set(shares) == {half["name"], worse["name"]}
+    got = shares[half["name"]]
+    assert abs(got["fid_share"] - 0.5) < 1e-9 and abs(got["condition_accuracy_share"] - 0.2) < 1e-9
+    assert abs(got["per_condition_share"][code] - 0.75) < 1e-9
+    assert got["per_condition_share"]["AF"] is None  # non-private is no better than public on AF: no gap
+    assert got["target"] == 0.5 and shares[worse["name"]]["target"] == 0.3
+    assert shares[worse["name"]]["fid_share"] == -0.5 and shares[worse["name"]]["per_condition_share"] == {}
