@@ -168,13 +168,13 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
             "noise_on_mean_update": _noise_on_mean(folder / "sites"),
             "metrics": {k: metrics.get(k) for k in ("fid", "f1", "clip_score", "hr_mae", "condition_accuracy",
                                                      "similarity", "identification_top1",
-                                                     "identification_ibe_top1")},
+                                                     "identification_ibe_top1", "identification_person_top1")},
             # recognition per requested condition: the target names the one the public data never shows
             "per_condition": {code: e.get("recognised") for code, e in (metrics.get("per_condition") or {}).items()},
             "intervals": metrics.get("intervals", {}),
             "real": {k: metrics.get(k) for k in ("clip_score_real", "hr_mae_real", "condition_accuracy_real",
                                                   "identification_chance_top1", "identification_real_top1",
-                                                  "identification_ibe_real_top1")},
+                                                  "identification_ibe_real_top1", "identification_person_real_top1")},
             **({"train_wall_s": None, "train_cpu_s": None, "model_from": row.model_name} if reused else
                {"train_wall_s": round(trained - started, 1), "train_cpu_s": round(cpu1 - cpu0, 1)}),
             "eval_wall_s": round(time.perf_counter() - trained, 1),

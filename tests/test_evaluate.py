@@ -4,6 +4,7 @@ inputs, and a short `ecgtwin evaluate` end to end on a tiny trained checkpoint (
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -23,7 +24,7 @@ FOUNDATION = Path(__file__).resolve().parents[1] / "foundations" / "demo"
 FS = 102.4
 KEYS = ("fid", "precision", "recall", "f1", "clip_score", "hr_mae", "hr_mae_keep_reference", "vae_relative_error", "condition_accuracy", "per_condition",
         "similarity", "silhouette", "identification_top1", "identification_top5", "identification_ibe_top1",
-        "identification_ibe_real_top1", "downstream", "sanity")
+        "identification_ibe_real_top1", "identification_person_top1", "identification_person_real_top1", "downstream", "sanity")
 
 
 def clusters(n_patients: int, per: int, dim: int = 16, spread: float = 0.05, seed: int = 0):
@@ -381,3 +382,40 @@ def test_identification_in_the_person_space_finds_a_patients_own_ecg_and_not_ano
     assert 0.0 <= own["identification_ibe_real_top1"] <= 1.0
     shifted = person_identification(generator, store, twins(np.roll(targets, 1)), gallery, real, gallery_patients)
     assert shifted["identification_ibe_top1"] <= 1 / 3
+
+
+def test_the_person_encoder_learns_to_tell_patients_it_never_saw_apart(tmp_path):
+    """Trained on some patients' repeated ECGs, the person encoder re-identifies OTHER patients' ECGs (leave
+    one out) far above chance and above the same net untrained; a "twin" that is a patient's own real ECG
+    is identified as that patient, the same ECGs attributed to other patients are not."""
+    from ecgtwin.data.prepare import prepare_store
+    from ecgtwin.data.synthetic import synthesize_consortium
+    from ecgtwin.evaluate.person_encoder import PersonEncoderConfig, get_person_encoder, train_person_encoder
+    from ecgtwin.evaluate.run import independent_identification
+
+    synthesize_consortium(tmp_path / "c", sites=1, patients_per_site=48, records_per_patient=3, seed=11, progress=False)
+    prepare_store("synthetic", tmp_path / "c", tmp_path / "s", on_reject=lambda r: None, progress=False)
+    store = SiteStore(tmp_path / "s")
+    patients = sorted(store.patients)
+    train = np.concatenate([store.records_of(p) for p in patients[:32]])
+    test = np.concatenate([store.records_of(p) for p in patients[32:]])
+    ids = store.records.patient_id.to_numpy()[test]
+    real = M.SignalSet(np.asarray(store.signals[test]), store.fs, LEADS, "real")
+
+    config = PersonEncoderConfig(steps=40, patients_per_batch=16)
+    trained = get_person_encoder(store, train, config, tmp_path / "cache")
+    untrained = train_person_encoder(store, train, dataclasses.replace(config, steps=1))
+    assert trained.info["final_loss"] < trained.info["first_loss"]
+    rate = lambda enc: M.identification_real(enc.features(real.signals, store.fs), ids)["identification_real_top1"]  # noqa: E731
+    chance = 1 / len(patients[32:])
+    assert rate(trained) >= max(4 * chance, rate(untrained) + 0.1), (rate(trained), rate(untrained))
+    cached = get_person_encoder(store, train, config, tmp_path / "cache")
+    assert np.allclose(cached.features(real.signals[:3], store.fs), trained.features(real.signals[:3], store.fs))
+
+    later = np.array([store.records_of(p)[1] for p in patients[32:]])
+    twins = M.SignalSet(np.asarray(store.signals[later]), store.fs, LEADS, "twins")
+    own = independent_identification(trained, twins, real, np.array(patients[32:]), ids)
+    assert own["identification_person_top1"] == 1.0  # its own ECG is in the gallery
+    wrong = independent_identification(trained, twins, real, np.roll(np.array(patients[32:]), 1), ids)
+    assert wrong["identification_person_top1"] <= 0.25
+    assert train_person_encoder(store, np.array([train[0], train[3]]), config) is None  # one ECG per patient

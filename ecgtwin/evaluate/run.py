@@ -29,6 +29,7 @@ from ecgtwin.data.store import SiteStore
 from ecgtwin.evaluate import metrics as M
 from ecgtwin.evaluate.bootstrap import patient_bootstrap, rows_of
 from ecgtwin.evaluate.encoder import EncoderConfig, EvaluationEncoder, encoder_key, multi_hot, train_encoder
+from ecgtwin.evaluate.person_encoder import PersonEncoder, PersonEncoderConfig, get_person_encoder
 from ecgtwin.data.split import split_patients
 from ecgtwin.errors import UserError, MissingInput
 from ecgtwin.models.diffusion import SAMPLERS
@@ -246,6 +247,10 @@ def run_evaluation(checkpoint: str | Path, store: str | Path, out: str | Path, t
     result.update(ident)
     result.update(M.identification_real(f_real, real_patients))
     result.update(person_identification(generator, site, twins, real_rows, real_set.signals, real_patients))
+    person = get_person_encoder(enc_source, enc_rows, PersonEncoderConfig(
+        seed=seed, **({} if encoder_steps is None else {"steps": encoder_steps})),
+        Path(encoder_cache or out / "encoder") / "person", progress)
+    result.update(independent_identification(person, twin_set, real_set, twins.patients, real_patients))
     result["sanity"] = {"twins": M.sanity(twin_set, hr_twin), "real": M.sanity(target_set, hr_real)}
     result["vae_relative_error"] = vae_relative_error(generator, target_set.signals)
     target_patients = site.records.patient_id.to_numpy()[target_rows]
@@ -291,6 +296,20 @@ def person_identification(generator, site: SiteStore, twins: TwinSet, real_rows:
     ident = M.identification(b_twin, twins.patients, b_real, real_patients, ks=(1,))
     real_top1 = M.identification_real(b_real, real_patients)["identification_real_top1"]
     return {"identification_ibe_top1": ident["identification_top1"], "identification_ibe_real_top1": real_top1}
+
+
+def independent_identification(person: PersonEncoder | None, twins: M.SignalSet, real: M.SignalSet,
+                               twin_patients: np.ndarray, real_patients: np.ndarray) -> dict:
+    """Identification by the person encoder (trained to tell patients apart, on other patients, independent
+    of the generator): the twins' rate and the real ECGs' leave-one-out rate at the same gallery; None
+    when the encoder's patients had too few repeated ECGs to train it."""
+    if person is None:
+        return {"identification_person_top1": None, "identification_person_real_top1": None}
+    f_twin, f_real = person.features(twins.signals, twins.fs), person.features(real.signals, real.fs)
+    return {"identification_person_top1": M.identification(f_twin, twin_patients, f_real, real_patients,
+                                                           ks=(1,))["identification_top1"],
+            "identification_person_real_top1": M.identification_real(f_real, real_patients)["identification_real_top1"],
+            "person_encoder": person.info}
 
 
 def vae_relative_error(generator, signals: np.ndarray) -> float:
