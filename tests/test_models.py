@@ -148,7 +148,10 @@ def test_vae_shapes_paper():
         x_hat, m2, _ = vae(x, sample=False)
         assert x_hat.shape == x.shape and torch.equal(m2, mean)
         assert torch.allclose(vae.to_latent(x), mean * LATENT_SCALE)
-        assert torch.allclose(vae.from_latent(mean * LATENT_SCALE), vae.decode(mean), atol=1e-5)
+        z = mean * LATENT_SCALE
+        assert torch.equal(vae.from_latent(z), vae.decode(z / LATENT_SCALE))
+        # (mean * S) / S is mean up to rounding, which the unseeded paper-size decoder may amplify past 1e-5
+        assert torch.allclose(vae.from_latent(z), vae.decode(mean), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
         vae.encode(torch.randn(1, 12, 1020))
 
