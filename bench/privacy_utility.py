@@ -74,6 +74,7 @@ class Row:
     guidance: float = GUIDANCE_CONDITION  # condition guidance of the evaluation's twins (generation only)
     guidance_person: float = GUIDANCE_PERSON  # person guidance of the evaluation's twins (generation only)
     local_steps: tuple[int, int] | None = None  # the IBE's and the twin stage's local steps per round (default: plan())
+    noise_draws: int = 1  # the twin stage's (t, noise) draws per record, averaged before clipping (DPDM)
 
     @property
     def name(self) -> str:
@@ -98,6 +99,8 @@ class Row:
             suffix += f"-lr{self.finetune_lr:g}"
         if self.local_steps is not None:
             suffix += f"-s{self.local_steps[0]}x{self.local_steps[1]}"
+        if self.noise_draws != 1:
+            suffix += f"-m{self.noise_draws}"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -320,6 +323,7 @@ def _config(row: Row, folder: Path) -> Path:
                 config.stage(stage).trainable_modules = chosen_modules(stage)
         if row.vae == "dp":
             config.vae.lr = row.finetune_lr
+    config.twin.noise_draws = row.noise_draws
     path = folder / "config.yaml"
     save_config(config, path)
     return path
@@ -496,6 +500,9 @@ def main() -> None:
                         help="condition guidance of the evaluation's twins (default 2); reuses the row's model if trained")
     parser.add_argument("--person-guidance", type=float, default=GUIDANCE_PERSON,
                         help="person guidance of the evaluation's twins (default 2); reuses the row's model if trained")
+    parser.add_argument("--noise-draws", type=int, default=1,
+                        help="noise multiplicity: (t, noise) draws per record in the twin stage, averaged "
+                             "before clipping (default 1)")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -520,7 +527,7 @@ def main() -> None:
               foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data,
               eval_patients=args.eval_patients, guidance=args.guidance,
               guidance_person=args.person_guidance, finetune_lr=args.finetune_lr,
-              local_steps=args.local_steps)
+              local_steps=args.local_steps, noise_draws=args.noise_draws)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

@@ -398,6 +398,7 @@ def recipe(row: dict) -> str:
     label += "" if row["batch_patients"] == default_batch else f", {row['batch_patients']} a step"
     label += "" if not row.get("local_steps") else f", {row['local_steps'][0]}+{row['local_steps'][1]} steps"
     label += "" if row["finetune_lr"] == 2e-4 else f", lr {row['finetune_lr']:g}"
+    label += "" if row.get("noise_draws", 1) == 1 else f", {row['noise_draws']} noise draws"
     label += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
     return label + ("" if row.get("guidance_person", 2.0) == 2.0 else f", person guidance {row['guidance_person']:g}")
 
