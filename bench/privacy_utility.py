@@ -393,11 +393,18 @@ def unseen_code() -> str:
     return next(code for code, text in CONDITIONS.items() if text == UNSEEN_IN_PUBLIC.lower())
 
 
+def same_evaluation(a: dict, b: dict) -> bool:
+    """Whether two rows were evaluated by the same evaluation encoder on the same held-out ECGs: then the real
+    ECGs' condition accuracy is the same number. An encoder trained again (a new machine, a wiped cache) is not
+    bit-identical, and FID and accuracy of its rows are not comparable with the earlier ones."""
+    return a.get("real", {}).get("condition_accuracy_real") == b.get("real", {}).get("condition_accuracy_real")
+
+
 def gap_closed(rows: list[dict]) -> list[dict]:
     """Per DP fine-tuning row of the synthetic consortium (default sampling, fp32), the share of its size's
     public-only -> non-private gap it closes: on FID, on condition accuracy, and on the recognition of each
     requested condition both references report. The non-private reference fine-tunes every parameter with
-    the default recipe. Issue 24's target: half of each gap at epsilon 8, 30 % at epsilon 3."""
+    the default recipe; both references were evaluated by the row's evaluation encoder (same_evaluation). Issue 24's target: half of each gap at epsilon 8, 30 % at epsilon 3."""
     def usable(r: dict) -> bool:
         row = r["row"]
         return (r["metrics"] is not None and default_sampling(r) and row.get("data", "synthetic") == "synthetic"
@@ -409,8 +416,9 @@ def gap_closed(rows: list[dict]) -> list[dict]:
             return None
         return (got - public) / (best - public)
 
-    def reference(size: int, **want) -> dict | None:
-        return next((r for r in rows if usable(r) and r["row"]["patients_per_site"] == size and r["row"]["epsilon"] is None
+    def reference(of: dict, **want) -> dict | None:
+        return next((r for r in rows if usable(r) and r["row"]["patients_per_site"] == of["row"]["patients_per_site"]
+                     and r["row"]["epsilon"] is None and same_evaluation(r, of)
                      and all(r["row"].get(k) == v for k, v in want.items())), None)
 
     out = []
@@ -418,8 +426,8 @@ def gap_closed(rows: list[dict]) -> list[dict]:
         row = r["row"]
         if not usable(r) or row["epsilon"] is None or row["start"] != "foundation":
             continue
-        public = reference(row["patients_per_site"], start="public-only")
-        best = reference(row["patients_per_site"], start="foundation", trainable="all", finetune_lr=2e-4,
+        public = reference(r, start="public-only")
+        best = reference(r, start="foundation", trainable="all", finetune_lr=2e-4,
                          batch_patients=Row.batch_patients, local_steps=None)
         if public is None or best is None:
             continue

@@ -3,7 +3,8 @@
 The node config of the SuperNode says where the site's data and policy are (data-path, policy-path,
 optional state-path); in simulation the paths come from the partition-id and the run config's sites-root.
 The site's own policy decides steps and noise (ecgtwin.site.Site); the server only sends weights, the stage,
-the round, the run name and the experiment config. Every reply passes ecgtwin.site.check_reply: arrays
+the round, the run name and the experiment config. A site with distributed DP trains only inside a SecAgg+
+round (client.secure). Every reply passes ecgtwin.site.check_reply: arrays
 whose names and shapes are the model's, and allowlisted aggregate metrics, nothing else.
 """
 
@@ -14,6 +15,7 @@ from typing import Any, Mapping
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secure import is_fitins, secure_aggregation_mod, secure_train
 from ecgtwin.config import STAGES, ExperimentConfig, config_from_text
 from ecgtwin.site import Site, check_reply, site_failure
 from ecgtwin.weights import FLAT, model_shapes, pack, trainable_shapes, unpack
@@ -22,11 +24,13 @@ from ecgtwin.weights import FLAT, model_shapes, pack, trainable_shapes, unpack
 def make_app(run_config: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; `run_config` fills in run-config keys the context lacks (flwr.simulation.run_simulation
     gives the apps an empty run config)."""
-    app = ClientApp()
     defaults = dict(run_config or {})
+    app = ClientApp(mods=[secure_aggregation_mod(lambda context: _site(context, defaults))])
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if is_fitins(msg):  # a SecAgg+ round's pass (client.secure): its failures are the mod's to answer
+            return secure_train(_site(context, defaults), msg, context)
         site = None
         try:  # everything, opening the site and reading the message too: no exception text leaves the site
             site = _site(context, defaults)

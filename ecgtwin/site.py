@@ -134,14 +134,18 @@ class Site:
 
     def train(self, stage: str, server_round: int, run_id: str, config_yaml: str,
               weights: Mapping[str, Mapping[str, np.ndarray]],
-              proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray] | None, dict, str | None]:
+              proximal_mu: float = 0.0, secure: bool = False) -> tuple[dict[str, np.ndarray] | None, dict, str | None]:
         """One local pass of `stage` from the received global weights. Returns (new stage weights or None,
         allowlisted metrics, refusal reason or None). Every outcome is kept under the pass's key before it is
         returned, refusals too: a repeated request gets it again and nothing is computed twice. A failure
         (an exception) comes back as a fixed category, its text in the site's state/errors.log; a retry
-        computes again, with the same noise (the pass secret comes from the site's secret and the key)."""
+        computes again, with the same noise (the pass secret comes from the site's secret and the key).
+        `secure`: the request came through secure aggregation (a distributed-DP site trains only then)."""
         if stage not in STAGES:
             raise UserError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+        if self.policy.distributed_sites is not None and not secure:  # its noise share alone is not the budget's
+            return None, {}, (f"{self.name}: the site's policy releases updates only through secure aggregation "
+                              f"of at least {self.policy.distributed_sites} sites (distributed DP); not training")
         received = {s: dict(weights[s]) for s in STAGES[: STAGES.index(stage) + 1] if s in weights and len(weights[s])}
         key = pass_key(run_id, stage, server_round, received, config_yaml, proximal_mu)
         stored = self._stored(key)

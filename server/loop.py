@@ -95,10 +95,27 @@ def _run(grid: Grid, settings: FederationSettings, out: Path) -> Path:
 
 def _round(grid: Grid, settings: FederationSettings, state: RunState, stage: str, rnd: int,
            experiment: ExperimentConfig, shapes: dict, strategy: FedAvg) -> None:
-    text = config_text(experiment)
     started = time.perf_counter()
     nodes = _wait_for_nodes(grid, settings.min_nodes, settings.node_wait)
     nodes = _wait_for_rejoin(grid, nodes, state.nodes_seen(), settings.rejoin_wait)
+    if settings.secure_aggregation:
+        state.weights[stage], reports, refused, failed = _secure_round(grid, settings, state, stage, rnd, experiment,
+                                                                       shapes, strategy, nodes)
+    else:
+        state.weights[stage], reports, refused, failed = _plain_round(grid, settings, state, stage, rnd, experiment,
+                                                                      shapes, strategy, nodes)
+    entry = round_entry(stage, rnd, reports, refused, failed, time.perf_counter() - started, settings.strategy)
+    state.history.append(entry)
+    log(INFO, "ecgtwin: %s round %d done in %.1f s: %d sites, mean loss %s, epsilon %s", stage, rnd,
+        entry["seconds"], len(reports), entry["loss"],
+        {s: round(r["epsilon"], 3) for s, r in entry["sites"].items() if "epsilon" in r} or "n/a")
+
+
+def _plain_round(grid: Grid, settings: FederationSettings, state: RunState, stage: str, rnd: int,
+                 experiment: ExperimentConfig, shapes: dict, strategy: FedAvg, nodes: list[int]) -> tuple:
+    """Send the global weights, collect and check each site's reply, aggregate: (weights, reports, refused,
+    failed)."""
+    text = config_text(experiment)
     content = RecordDict({s: ArrayRecord({FLAT: Array(pack(state.weights[s], model_shapes(s, experiment)))})
                           for s in STAGES[: STAGES.index(stage) + 1]})
     config = {"stage": stage, "round": rnd, "run-id": settings.run_name, "config-yaml": text}
@@ -137,12 +154,31 @@ def _round(grid: Grid, settings: FederationSettings, state: RunState, stage: str
             f"{stage} round {rnd}: only {len(accepted)} of {len(nodes)} sites returned weights, fewer than "
             f"min-nodes {settings.min_nodes} (refused: {refused or 'none'}; failed: {failed or 'none'}); the "
             f"checkpoint holds the last completed round, restart to resume")
-    state.weights[stage] = _aggregate(strategy, rnd, state.weights[stage], accepted, shapes)
-    entry = round_entry(stage, rnd, reports, refused, failed, time.perf_counter() - started, settings.strategy)
-    state.history.append(entry)
-    log(INFO, "ecgtwin: %s round %d done in %.1f s: %d sites, mean loss %s, epsilon %s", stage, rnd,
-        entry["seconds"], len(accepted), entry["loss"],
-        {s: round(r["epsilon"], 3) for s, r in entry["sites"].items() if "epsilon" in r} or "n/a")
+    return _aggregate(strategy, rnd, state.weights[stage], accepted, shapes), reports, refused, failed
+
+
+def _secure_round(grid: Grid, settings: FederationSettings, state: RunState, stage: str, rnd: int,
+                  experiment: ExperimentConfig, shapes: dict, strategy: FedAvg, nodes: list[int]) -> tuple:
+    """The round through SecAgg+ (server.secure): the strategy steps along the unmasked mean update."""
+    from server.secure import report_problem, secure_mean, step_reply
+
+    log(INFO, "ecgtwin: %s round %d/%d: secure aggregation with %d sites", stage, rnd, settings.rounds(stage),
+        len(nodes))
+    mean, reports, errors = secure_mean(grid, settings, state.weights, stage, rnd, experiment, nodes)
+    failed = [f"node {node}: {reason.strip().splitlines()[-1] if reason.strip() else 'error'}"
+              for node, reason in errors.items()]
+    size = sum(int(np.prod(shape)) for shape in shapes.values())
+    problems = [p for p in map(report_problem, reports) if p]
+    if mean is None or len(reports) < max(2, settings.min_nodes) or problems:
+        raise FederationError(
+            f"{stage} round {rnd}: secure aggregation unmasked no sum of at least {max(2, settings.min_nodes)} "
+            f"sites (failed: {failed or 'none'}; problems: {problems or 'none'}); the checkpoint holds the last "
+            f"completed round, restart to resume")
+    if mean.shape != (size,) or not np.all(np.isfinite(mean)):
+        raise FederationError(f"{stage} round {rnd}: the unmasked mean is not {size} finite values")
+    weights = _aggregate(strategy, rnd, state.weights[stage], [step_reply(pack(state.weights[stage], shapes), mean)],
+                         shapes)
+    return weights, reports, {}, failed
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, poll_s: float = POLL_S) -> dict[int, Message | None]:

@@ -18,6 +18,7 @@ def test_rows_that_differ_only_in_guidance_share_one_model():
     assert Row(patients_per_site=2000, batch_patients=128).model_name == default.name + "-b128"
     assert Row(patients_per_site=2000, trainable="lora", finetune_lr=2e-3).name == \
         "n2000-eps8-foundation-vaefrozen-lora-lr0.002"
+    assert Row(patients_per_site=2000, noise_draws=2).model_name == default.name + "-m2"
 
 
 def entry(row: Row, fid: float, accuracy: float, noise: float | None) -> dict:
@@ -71,8 +72,13 @@ def test_the_gap_closed_is_measured_from_the_public_foundation_to_non_private_fi
     alone = entry(Row(patients_per_site=50, epsilon=8.0), 30.0, 0.5, 0.5)  # no references at 50: skipped
     public["per_condition"], best["per_condition"] = {code: 0.1, "AF": 0.9}, {code: 0.5, "AF": 0.8}
     half["per_condition"] = {code: 0.4, "AF": 0.85}
-    shares = {g["name"]: g for g in gap_closed([public, lora, best, half, worse, guided, alone])}
-    assert set(shares) == {half["name"], worse["name"]}
+    # a row evaluated by an encoder trained again (other real-ECG figures) is compared with its own references
+    other = entry(Row(patients_per_site=2000, epsilon=8.0, local_steps=(10, 30)), 41.0, 0.69, 0.01)
+    other["real"] = {"condition_accuracy_real": 0.94}
+    public_again = entry(Row(patients_per_site=2000, epsilon=None, start="public-only"), 50.0, 0.50, None)
+    public_again["real"] = {"condition_accuracy_real": 0.94}
+    shares = {g["name"]: g for g in gap_closed([public, lora, best, half, worse, guided, alone, other, public_again])}
+    assert set(shares) == {half["name"], worse["name"]}  # `other` has a public reference but no non-private one
     got = shares[half["name"]]
     assert abs(got["fid_share"] - 0.5) < 1e-9 and abs(got["condition_accuracy_share"] - 0.2) < 1e-9
     assert abs(got["per_condition_share"][code] - 0.75) < 1e-9

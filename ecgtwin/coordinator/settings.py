@@ -33,6 +33,9 @@ class FederationSettings:
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each tail
     sites_root: str = ""  # simulation only: <sites-root>/<site>/{store,privacy.yaml,state}
     foundation: str = ""  # an `ecgtwin pretrain` folder: stages start from its weights (rounds 0: used frozen)
+    # distributed DP: each round through Flower's SecAgg+ (the server learns the sum of the sites' updates only)
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = 16.0  # SecAgg+ quantises each update coordinate within +-this
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], base: Path | None = None) -> "FederationSettings":
@@ -42,7 +45,7 @@ class FederationSettings:
             name = key.replace("-", "_")
             if name in fields:
                 kind = type(fields[name].default)
-                values[name] = kind(value) if kind is not str else str(value)
+                values[name] = _boolean(key, value) if kind is bool else kind(value) if kind is not str else str(value)
         settings = cls(**values)
         if settings.strategy not in STRATEGIES:
             raise ConfigError(f"run config: strategy: must be one of {', '.join(STRATEGIES)}, got {settings.strategy!r}")
@@ -51,6 +54,11 @@ class FederationSettings:
         for stage in STAGES:
             if settings.rounds(stage) < 0:
                 raise ConfigError(f"run config: rounds-{stage}: must be >= 0, got {settings.rounds(stage)}")
+        if settings.secure_aggregation and settings.strategy != "fedadam":
+            raise ConfigError(f"run config: secure-aggregation: the sites release noisy gradient sums and the server "
+                              f"steps on their sum with fedadam; set strategy = \"fedadam\", not {settings.strategy!r}")
+        if not settings.secagg_clipping_range > 0:
+            raise ConfigError(f"run config: secagg-clipping-range: must be > 0, got {settings.secagg_clipping_range}")
         if not 0 <= settings.trim_beta < 0.5:
             raise ConfigError(f"run config: trim-beta: must be in [0, 0.5), got {settings.trim_beta}")
         return settings
@@ -72,6 +80,14 @@ class FederationSettings:
 
     def load_config(self, base: Path | None = None) -> ExperimentConfig:
         return load_config(self.config_path(base))
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ConfigError(f"run config: {key}: must be true or false, got {value!r}")
 
 
 def simulation_settings(config: str | Path, out: str | Path, sites_root: str | Path,

@@ -158,6 +158,13 @@ class Ledger:
     def history(self) -> list[Mechanism]:
         return [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in self.entries()]
 
+    def local_history(self) -> list[Mechanism]:
+        """The history with each distributed release at the noise its site added alone (sigma / sqrt(K)):
+        what holds against whoever sees one site's update (secure aggregation broken, or K - 1 sites colluding
+        with the server)."""
+        return [(e.get("noise_multiplier_site", e["noise_multiplier"]), e["sample_rate"], e["steps"])
+                for e in self.entries()]
+
     def spent(self, policy: PrivacyPolicy) -> float:
         return epsilon_of(self.history(), policy.delta, policy.accountant)
 
@@ -191,6 +198,11 @@ class Ledger:
                  "records_per_patient": policy.records_per_patient, "patients": patients, "unit": policy.unit,
                  "population": policy.population,
                  "epsilon": after, "delta": policy.delta, "accountant": policy.accountant, "key": key}
+        if policy.distributed_sites is not None:  # sigma is the sum's; the site added its share only
+            entry["distributed_sites"] = policy.distributed_sites
+            entry["noise_multiplier_site"] = noise_multiplier * policy.site_noise_share
+            entry["epsilon_local"] = epsilon_of(self.local_history() + [(entry["noise_multiplier_site"], sample_rate,
+                                                                        steps)], policy.delta, policy.accountant)
         if key is not None and self.path.with_name(SECRET).is_file():
             entry["secret"] = _fingerprint(self.path.with_name(SECRET).read_bytes())
         self._append(entry)

@@ -86,6 +86,10 @@ class PrivacyPolicy:
     public_negatives: int = 15  # IBE DP objective: public synthetic negatives per patient per step
     max_noise_multiplier: float = 20.0  # a plan needing more noise than this is refused as useless
     seed: int | None = None  # None: every pass's randomness from OS entropy (production); tests and audits only
+    # Distributed DP: the site's updates leave it only inside Flower's SecAgg+ sum of at least this many sites
+    # (each adds noise sigma / sqrt(K); the sum carries sigma, which the ledger charges); None: central noise
+    # at every site (docs/privacy.md, "Distributed DP through secure aggregation")
+    distributed_sites: int | None = None
     stages: StagePlans = dataclasses.field(default_factory=StagePlans)
 
     def __post_init__(self) -> None:
@@ -120,9 +124,28 @@ class PrivacyPolicy:
             raise UserError(f"records_per_patient: must be >= 1, got {self.records_per_patient}")
         if self.public_negatives < 1:
             raise UserError(f"public_negatives: must be >= 1, got {self.public_negatives}")
+        if self.distributed_sites is not None:
+            self._check_distributed()
         fractions = [self.stage(s).budget_fraction for s in self.planned_stages()]
         if any(f is not None for f in fractions) and sum(f or 0 for f in fractions) > 1 + 1e-9:
             raise UserError(f"stages: budget_fraction values sum to {sum(f or 0 for f in fractions):.3g} > 1")
+
+    def _check_distributed(self) -> None:
+        if not self.private:
+            raise UserError("distributed_sites: distributed DP needs a private site (private: true)")
+        if self.distributed_sites < 2:
+            raise UserError(f"distributed_sites: must be >= 2 (the sites whose noise shares make up sigma), "
+                            f"got {self.distributed_sites}")
+        # the sum of K released gradients is the Gaussian mechanism only while the update is linear in the noise
+        several = [s for s in self.planned_stages() if self.stage(s).local_steps != 1]
+        if several:
+            raise UserError(f"distributed_sites: each round must be one DP step (the server steps on the sum), "
+                            f"but stages {', '.join(several)} plan local_steps > 1; set local_steps: 1")
+
+    @property
+    def site_noise_share(self) -> float:
+        """The factor on sigma of the noise this site adds itself: 1 (central), 1/sqrt(K) (distributed)."""
+        return 1.0 if self.distributed_sites is None else 1.0 / math.sqrt(self.distributed_sites)
 
     def stage(self, name: str) -> StagePlan:
         if name not in STAGE_ORDER:

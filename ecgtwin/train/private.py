@@ -114,6 +114,9 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
     q, sigma = stage_noise(policy, stage, population, where=where,
                            cache=cache_dir / PLAN_CACHE if cache_dir else None)
     steps = steps or policy.stage(stage).local_steps
+    if policy.distributed_sites is not None and (steps != 1 or proximal_mu):
+        raise UserError(f"{where}: distributed DP releases one noisy gradient sum per round (1 step, no FedProx), "
+                        f"asked {steps} steps" + (f" with proximal mu {proximal_mu:g}" if proximal_mu else ""))
     settings = config.stage(stage)
     use_tf32(device, config.compute.tf32)
     pull = proximal_step(built.module, settings.lr, proximal_mu)  # FedProx; data-independent
@@ -146,6 +149,7 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                "loss": float(np.mean(finite[-max(1, len(finite) // 5):])) if finite else float("nan"),
                "first_loss": finite[0] if finite else float("nan"),
                "sample_rate": q, "noise_multiplier": sigma, "max_grad_norm": policy.max_grad_norm,
+               "noise_multiplier_site": sigma * policy.site_noise_share,
                "epsilon": entry["epsilon"], "delta": policy.delta, "accountant": policy.accountant,
                "unit": policy.unit, "grad_sample_mode": mode, "population_exceeded": n > population,
                "seconds": float(np.round(time.perf_counter() - started, 2))}
@@ -194,8 +198,11 @@ class DPEngine:
               generator: torch.Generator, precision: str, mode: str) -> "DPEngine":
         module = built.module
         params = [p for p in module.parameters() if p.requires_grad]
-        base = adamw(params, settings.lr, settings.weight_decay, module_device(module))
-        opts = dict(noise_multiplier=sigma, max_grad_norm=policy.max_grad_norm, loss_reduction="mean",
+        if policy.distributed_sites is None:
+            base = adamw(params, settings.lr, settings.weight_decay, module_device(module))
+        else:  # the step releases weights - (clipped sum + this site's noise share): linear, the server steps
+            base = torch.optim.SGD(params, lr=max(1, int(round(expected_batch))))
+        opts = dict(noise_multiplier=sigma * policy.site_noise_share, max_grad_norm=policy.max_grad_norm, loss_reduction="mean",
                     expected_batch_size=max(1, int(round(expected_batch))), generator=generator)
         with warnings.catch_warnings():  # Opacus' "secure RNG off" warning: the key is a secret (randomness.py)
             warnings.simplefilter("ignore")
