@@ -75,6 +75,7 @@ class Row:
     guidance_person: float = GUIDANCE_PERSON  # person guidance of the evaluation's twins (generation only)
     local_steps: tuple[int, int] | None = None  # the IBE's and the twin stage's local steps per round (default: plan())
     noise_draws: int = 1  # the twin stage's (t, noise) draws per record, averaged before clipping (DPDM)
+    distributed: bool = False  # distributed DP: sigma/sqrt(3) per site, one step a round through SecAgg+
 
     @property
     def name(self) -> str:
@@ -101,6 +102,8 @@ class Row:
             suffix += f"-s{self.local_steps[0]}x{self.local_steps[1]}"
         if self.noise_draws != 1:
             suffix += f"-m{self.noise_draws}"
+        if self.distributed:
+            suffix += "-dist"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -114,6 +117,9 @@ class Row:
         rounds, steps, fractions = self._default_plan()
         if self.local_steps is not None:
             steps = (steps[0], *self.local_steps)
+        if self.distributed:  # the same DP steps, each its own SecAgg+ round (the VAE stays frozen)
+            rounds = tuple(r * k if i else r for i, (r, k) in enumerate(zip(rounds, steps)))
+            steps = (steps[0], 1, 1)
         return rounds, steps, fractions
 
     def _default_plan(self) -> tuple[tuple[int, int, int], tuple[int, int, int], tuple]:
@@ -149,7 +155,8 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
     else:
         try:
             model = train_federated(folder, stores, scale, row.epsilon, config=_config(row, folder),
-                                    foundation=Path(row.foundation) if row.start == "foundation" else None)
+                                    foundation=Path(row.foundation) if row.start == "foundation" else None,
+                                    distributed_sites=3 if row.distributed else None, server_lr=row.finetune_lr)
         except RuntimeError as exc:  # the sites refused the plan: that is the row's result
             if (refused := _refusal(str(exc))) is None:
                 raise
@@ -511,6 +518,9 @@ def main() -> None:
     parser.add_argument("--noise-draws", type=int, default=1,
                         help="noise multiplicity: (t, noise) draws per record in the twin stage, averaged "
                              "before clipping (default 1)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="distributed DP: each site adds sigma/sqrt(3), every DP step its own SecAgg+ round, "
+                             "FedAdam at --finetune-lr on the unmasked sum")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -525,6 +535,8 @@ def main() -> None:
     if args.batch_patients is not None and (args.epsilon.lower() == "none" or args.start == "public-only"):
         parser.error("--batch-patients sets the expected patients of a DP step; a non-private row trains with "
                      "the config's batch size whatever it says")
+    if args.distributed and (args.epsilon.lower() == "none" or args.start != "foundation"):
+        parser.error("--distributed splits DP noise among the sites: it needs --epsilon and --start foundation")
     sized = ({"patients_per_site": 0, "batch_patients": args.batch_patients or PTBXL_BATCH, "twins_per_patient": 4}
              if args.data == "ptbxl" else
              {"patients_per_site": args.patients_per_site, "batch_patients": args.batch_patients or Row.batch_patients})
@@ -535,7 +547,8 @@ def main() -> None:
               foundation=str(args.foundation.resolve()), precision=args.precision, data=args.data,
               eval_patients=args.eval_patients, guidance=args.guidance,
               guidance_person=args.person_guidance, finetune_lr=args.finetune_lr,
-              local_steps=args.local_steps, noise_draws=args.noise_draws)
+              local_steps=args.local_steps, noise_draws=args.noise_draws,
+              distributed=args.distributed)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

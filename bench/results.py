@@ -104,9 +104,12 @@ def train_centralised(out: Path, store: Path, scale: Scale, injector: str = "ada
 
 
 def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: float | None,
-                    strategy: str = "fedavg", config: Path | None = None, foundation: Path | None = None) -> Path:
+                    strategy: str = "fedavg", config: Path | None = None, foundation: Path | None = None,
+                    distributed_sites: int | None = None, server_lr: float | None = None) -> Path:
     """Flower simulation over site folders (ecgtwin.coordinator.launch.simulate, as `ecgtwin federate`), with
-    the experiment `config` (default: the demo's at this scale) and from `foundation` if given."""
+    the experiment `config` (default: the demo's at this scale) and from `foundation` if given.
+    `distributed_sites`: distributed DP (each site's policy; every round through SecAgg+, FedAdam at
+    `server_lr` on the unmasked sum)."""
     from ecgtwin.coordinator.launch import simulate
     from ecgtwin.coordinator.settings import simulation_settings
 
@@ -123,14 +126,17 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
             shutil.copytree(store.resolve(), site_dir / "store")
         save_policy(site_policy(site, scale.rounds, scale.local_steps, scale.batch_patients, scale.budget_fractions,
                                 private=epsilon is not None, epsilon=epsilon, delta=1e-5,
-                                population=len(SiteStore(store).patients)),
+                                population=len(SiteStore(store).patients), distributed_sites=distributed_sites),
                     site_dir / "privacy.yaml")
     config_path = config or out / "config.yaml"
     if config is None:
         save_config(experiment_config(scale), config_path)
     settings = simulation_settings(config_path, out / "federation", sites_root, scale.rounds, foundation,
                                    run_name=out.name, strategy=strategy, proximal_mu=PROXIMAL_MU,
-                                   min_nodes=min(2, scale.sites))
+                                   min_nodes=min(2, scale.sites),
+                                   **({} if distributed_sites is None else {
+                                       "secure_aggregation": True, "strategy": "fedadam",
+                                       "min_nodes": distributed_sites, "server_lr": server_lr or 1e-3}))
     status = simulate(settings.to_run_config(), out / "federation" / "simulation.log")
     if status.get("status") != "finished":
         raise RuntimeError(f"federated training failed: {status.get('message')} (log: {out / 'federation'})")

@@ -399,6 +399,7 @@ def recipe(row: dict) -> str:
     label += "" if not row.get("local_steps") else f", {row['local_steps'][0]}+{row['local_steps'][1]} steps"
     label += "" if row["finetune_lr"] == 2e-4 else f", lr {row['finetune_lr']:g}"
     label += "" if row.get("noise_draws", 1) == 1 else f", {row['noise_draws']} noise draws"
+    label += ", distributed DP (SecAgg+)" if row.get("distributed") else ""
     label += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
     return label + ("" if row.get("guidance_person", 2.0) == 2.0 else f", person guidance {row['guidance_person']:g}")
 
@@ -447,6 +448,8 @@ def privacy_utility(d: dict) -> str:
         rows.append([size, eps, row["start"], vae, trainable,
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
                      f(r.get("real", {}).get("identification_real_top1"), 2),
+                     # the evaluation encoder's fingerprint: rows with another figure here are not comparable
+                     f(r.get("real", {}).get("condition_accuracy_real"), 3),
                      "n/a" if noise is None else f(noise, 4),
                      "n/a" if noise is None else
                      f(noise * twin_parameters(row["trainable"], r.get("trainable_modules", {}).get("twin", ())) ** 0.5, 1),
@@ -454,7 +457,7 @@ def privacy_utility(d: dict) -> str:
                      # rows measured before the process-tree meter counted only the bench process, not Ray's workers
                      minutes(r["train_cpu_s"]) if "cpu_measured_by" in r else "n/a"])
     return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
-                  "cond. acc.", "id. top-1", "id. top-1 of real ECGs", "twin noise / mean",
+                  "cond. acc.", "id. top-1", "id. top-1 of real ECGs", "cond. acc. of real ECGs", "twin noise / mean",
                   "twin noise norm / C", "train wall min", "train CPU min"], rows)
 
 
