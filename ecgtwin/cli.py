@@ -410,7 +410,9 @@ def _run_privacy_ledger(args: argparse.Namespace) -> dict:
         for e in report.pop("entries"):
             print(f"{e['time']}  {e['stage']:>4} round {e['round']:>3}  {e['steps']:>5} steps  q={e['sample_rate']:.4f}"
                   f"  sigma={e['noise_multiplier']:.3f}  C={e['max_grad_norm']:g}  epsilon={e['epsilon']:.3f}"
-                  f"  delta={e['delta']:g}")
+                  f"  delta={e['delta']:g}" + (f"  (distributed over {e['distributed_sites']} sites: this site's "
+                  f"own sigma={e['noise_multiplier_site']:.3f}, epsilon without secure aggregation="
+                  f"{e['epsilon_local']:.3f})" if "distributed_sites" in e else ""))
     return report
 
 

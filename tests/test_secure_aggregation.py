@@ -30,6 +30,7 @@ from ecgtwin.data.synthetic import synthesize_consortium
 from ecgtwin.errors import UserError
 from ecgtwin.privacy import Ledger
 from ecgtwin.privacy.policy import PrivacyPolicy
+from ecgtwin.privacy.reports import ledger_report
 from ecgtwin.site import PRIVATE_METRICS, Site
 from ecgtwin.supervise.loopback import flower_env
 from ecgtwin.weights import FLAT, initial_weights, pack, trainable_shapes
@@ -198,6 +199,9 @@ def test_a_secure_round_unmasks_only_the_mean_of_the_sites_updates(consortium, s
         assert entry["epsilon"] == pytest.approx(rdp_epsilon(SIGMA, q, 1, 1e-3), rel=1e-6)
         assert entry["epsilon_local"] == pytest.approx(rdp_epsilon(SIGMA / math.sqrt(3), q, 1, 1e-3), rel=1e-6)
         assert entry["epsilon_local"] > 2 * entry["epsilon"]
+        report = ledger_report(Ledger(sites / site / "state" / "ledger.jsonl"), sites / site / "privacy.yaml",
+                               tmp_path / f"{site}.png")
+        assert (report["epsilon_spent"], report["epsilon_spent_local"]) == (entry["epsilon"], entry["epsilon_local"])
     history = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert sorted(history[0]["sites"]) == list(SITES)
     assert {k for r in history[0]["sites"].values() for k in r} == {"num-examples", "epsilon", "delta", "node_id"}

@@ -10,7 +10,7 @@ from pathlib import Path
 from ecgtwin.config import ExperimentConfig
 from ecgtwin.plot import new_figure
 from ecgtwin.data.store import SiteStore
-from ecgtwin.privacy.ledger import Ledger
+from ecgtwin.privacy.ledger import Ledger, epsilon_of
 from ecgtwin.privacy.plan import plan_budget
 from ecgtwin.privacy.policy import STAGE_ORDER, load_policy
 from ecgtwin.data.split import training_rows
@@ -91,6 +91,9 @@ def ledger_report(ledger: Ledger, policy_file: Path, figure: Path | None = None)
     plot_ledger(entries, figure, budget)
     return {"ledger": str(path), "releases": len(entries), "budget": budget,
             "epsilon_spent": entries[-1]["epsilon"] if entries else 0.0,
+            # distributed DP: what holds if secure aggregation fails (each release at the site's own noise share)
+            "epsilon_spent_local": epsilon_of(ledger.local_history(), entries[-1]["delta"], entries[-1]["accountant"])
+            if entries else 0.0,
             "delta": entries[-1]["delta"] if entries else None, "entries": entries, "figure": str(figure)}
 
 
