@@ -65,3 +65,41 @@ def ptbdb_root(shared_data: Path) -> Path:
     if not path.is_dir():
         missing_data(f"PTB Diagnostic records not found at {path}")
     return path
+
+
+TINY_SAMPLES = 256  # the tiny model's record length
+
+
+def tiny_experiment():
+    """The demo config shrunk to 256 samples a record and a tiny model: the federation and fault tests' model."""
+    from ecgtwin.config import load_config
+
+    config = load_config(ROOT / "configs" / "demo.yaml")
+    config.data.n_samples = TINY_SAMPLES
+    config.model.vae.base_channels = 8
+    for model in (config.model.ibe, config.model.dit):
+        model.n_tokens, model.width, model.depth, model.heads, model.base_dim = TINY_SAMPLES // 8, 48, 1, 2, 32
+    return config
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Sites train with one thread each (as in the simulation engine): on a shared 2-core machine torch's
+    thread pool makes a DP step 50x slower. Modules use it with pytest.mark.usefixtures."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def flower_identity():
+    """Messages built outside a Flower runtime need a task identity (set by the runtime otherwise)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

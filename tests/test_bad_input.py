@@ -30,6 +30,7 @@ from ecgtwin.train.centralised import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES = 256
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_config(steps: int = 2):
@@ -42,16 +43,6 @@ def tiny_config(steps: int = 2):
         model.n_tokens, model.width, model.depth, model.heads, model.base_dim = N_SAMPLES // 8, 48, 1, 2, 32
     config.vae.steps, config.vae.batch_size, config.vae.checkpoint_every, config.vae.log_every = steps, 64, 2, 1
     return config
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -35,19 +35,15 @@ from ecgtwin.weights import FLAT, initial_weights, model_shapes, pack, trainable
 from ecgtwin.privacy import Ledger
 from ecgtwin.site import ALLOWED_CONFIG, PRIVATE_METRICS, ReplyRejected, Site, check_reply
 
+from conftest import TINY_SAMPLES as N_SAMPLES, tiny_experiment  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-N_SAMPLES = 256
 SITES = ("site_a", "site_b", "site_c")
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 
 def tiny_config():
-    config = load_config(ROOT / "configs" / "demo.yaml")
-    config.data.n_samples = N_SAMPLES
-    config.model.vae.base_channels = 8
-    for model in (config.model.ibe, config.model.dit):
-        model.n_tokens, model.width, model.depth, model.heads, model.base_dim = N_SAMPLES // 8, 48, 1, 2, 32
-    return config
+    return tiny_experiment()
 
 
 def policy(**overrides) -> dict:
@@ -55,18 +51,6 @@ def policy(**overrides) -> dict:
               for s in ("vae", "ibe", "twin")}
     return {"epsilon": 50.0, "delta": 1e-3, "accountant": "rdp", "seed": 1, "population": 8, "stages": stages,
             **overrides}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Sites train with one thread each (as in the simulation engine): on a shared 2-core machine torch's
-    thread pool makes a DP step 50x slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -166,17 +150,6 @@ def test_reply_allowlist(consortium):
     for arrays, m, info, message in bad_cases:
         with pytest.raises(ReplyRejected, match=message):
             check_reply("ibe", config, arrays, m, info)
-
-
-@pytest.fixture
-def flower_identity():
-    """Messages built outside a Flower runtime need a task identity (set by the runtime otherwise)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def inspect_reply(content, config, stage: str, store_patients: list[str]) -> None:

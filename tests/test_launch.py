@@ -62,7 +62,7 @@ def tiny_consortium(root: Path) -> tuple[Path, Path]:
     would still be training when it looks. Returns (sites root, config path)."""
     import yaml
 
-    from ecgtwin.config import load_config, save_config
+    from ecgtwin.config import save_config
     from ecgtwin.data.prepare import prepare_store
     from ecgtwin.data.preprocess import PreprocessConfig
     from ecgtwin.data.synthetic import synthesize_consortium
@@ -76,12 +76,9 @@ def tiny_consortium(root: Path) -> tuple[Path, Path]:
         policy = {"site": site, "epsilon": 100.0, "delta": 1e-3, "accountant": "rdp", "seed": 1, "population": 6,
                   "stages": stages}
         (root / "sites" / site / "privacy.yaml").write_text(yaml.safe_dump(policy))
-    config = load_config(ROOT / "configs" / "demo.yaml")
-    config.data.n_samples = N_SAMPLES
-    config.model.vae.base_channels = 8
-    for model in (config.model.ibe, config.model.dit):
-        model.n_tokens, model.width, model.depth, model.heads, model.base_dim = N_SAMPLES // 8, 48, 1, 2, 32
-    save_config(config, root / "tiny.yaml")
+    from conftest import tiny_experiment
+
+    save_config(tiny_experiment(), root / "tiny.yaml")
     return root / "sites", root / "tiny.yaml"
 
 

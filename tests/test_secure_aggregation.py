@@ -20,7 +20,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from ecgtwin.config import load_config, save_config
+from ecgtwin.config import save_config
 from ecgtwin.coordinator.settings import FederationError, FederationSettings
 from ecgtwin.coordinator.state import RunState
 from ecgtwin.coordinator.status import read_status
@@ -35,11 +35,12 @@ from ecgtwin.site import PRIVATE_METRICS, Site
 from ecgtwin.supervise.loopback import flower_env
 from ecgtwin.weights import FLAT, initial_weights, pack, trainable_shapes
 
+from conftest import TINY_SAMPLES as N_SAMPLES, tiny_experiment  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-N_SAMPLES = 256
 SITES = ("site_a", "site_b", "site_c")
 SIGMA = 1.0
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 
 def policy(site: str, sites: int = 3) -> dict:
@@ -49,16 +50,6 @@ def policy(site: str, sites: int = 3) -> dict:
             "distributed_sites": sites, "stages": stages}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("secure")
@@ -66,11 +57,7 @@ def consortium(tmp_path_factory) -> dict:
     for site in SITES:
         prepare_store("synthetic", root / "raw" / site, root / "stores" / site,
                       config=PreprocessConfig(n_samples=N_SAMPLES), progress=False)
-    config = load_config(ROOT / "configs" / "demo.yaml")
-    config.data.n_samples = N_SAMPLES
-    config.model.vae.base_channels = 8
-    for model in (config.model.ibe, config.model.dit):
-        model.n_tokens, model.width, model.depth, model.heads, model.base_dim = N_SAMPLES // 8, 48, 1, 2, 32
+    config = tiny_experiment()
     save_config(config, root / "tiny.yaml")
     return {"root": root, "config": config, "config_path": root / "tiny.yaml"}
 
@@ -81,16 +68,6 @@ def sites(consortium, tmp_path) -> Path:
         shutil.copytree(consortium["root"] / "stores" / site, tmp_path / "sites" / site / "store")
         (tmp_path / "sites" / site / "privacy.yaml").write_text(yaml.safe_dump(policy(site)))
     return tmp_path / "sites"
-
-
-@pytest.fixture
-def flower_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 class SecureGrid:
