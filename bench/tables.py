@@ -464,12 +464,17 @@ def privacy_utility(d: dict) -> str:
 def privacy_person_guidance(d: dict) -> str:
     """The models evaluated at more than one person guidance (condition guidance 2): does a twin keep the
     person, by the evaluation encoder and in the generator's own person space (IBE)?"""
+    import dataclasses
+
+    from bench.privacy_utility import Row
+
+    defaults = {k: v for k, v in dataclasses.asdict(Row()).items() if k not in ("patients_per_site", "foundation")}
     groups: dict[str, list[dict]] = {}
     for r in d["rows"].values():
         row = r["row"]
         if r["metrics"] is None or row.get("guidance", 2.0) != 2.0:
             continue
-        key = {k: v for k, v in row.items() if k != "guidance_person"}
+        key = {k: v for k, v in {**defaults, **row}.items() if k != "guidance_person"}  # rows older than a field
         groups.setdefault(json.dumps(key, sort_keys=True), []).append(r)
     rows = []
     for members in groups.values():
@@ -481,10 +486,14 @@ def privacy_person_guidance(d: dict) -> str:
                          row["start"], f(row.get("guidance_person", 2.0), 0),
                          f(m["identification_top1"], 3), f(real.get("identification_real_top1"), 3),
                          f(m.get("identification_ibe_top1"), 3), f(real.get("identification_ibe_real_top1"), 3),
+                         f(m.get("identification_person_top1"), 3), f(real.get("identification_person_real_top1"), 3),
                          f(real.get("identification_chance_top1"), 4),
-                         f(m["fid"], 1), f(m["condition_accuracy"], 2), f(m["hr_mae"], 1)])
+                         f(m["fid"], 1), f(m["condition_accuracy"], 2), f(m["hr_mae"], 1),
+                         f(real.get("condition_accuracy_real"), 3)])
     return table(["patients / site", "epsilon", "start", "person guidance", "id. top-1", "id. top-1 of real ECGs",
-                  "id. top-1, IBE", "id. top-1 of real ECGs, IBE", "chance", "FID", "cond. acc.", "HR MAE"], rows)
+                  "id. top-1, IBE", "id. top-1 of real ECGs, IBE", "id. top-1, person encoder",
+                  "id. top-1 of real ECGs, person encoder", "chance", "FID", "cond. acc.", "HR MAE",
+                  "cond. acc. of real ECGs"], rows)
 
 
 def privacy_weight_movement(d: dict) -> str:
