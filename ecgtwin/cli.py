@@ -453,7 +453,12 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (resumes from its checkpoint)")
     p.add_argument("--rounds", help="rounds per stage (default vae=1,ibe=1,twin=1; with --foundation vae=0,ibe=1,"
                    "twin=1: the public VAE used frozen, the IBE and the twin model fine-tuned)")
-    p.add_argument("--strategy", default="fedavg", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg")
+    p.add_argument("--strategy", help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg (default fedavg; "
+                   "fedadam with --secure-aggregation)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="every round through Flower's SecAgg+: the server sees only the sum of the sites' updates "
+                        "(distributed DP where the sites' policies set distributed_sites; docs/privacy.md)")
+    p.add_argument("--server-lr", type=float, help="FedAdam's learning rate (default 0.01)")
     p.add_argument("--foundation", type=Path, help="an `ecgtwin pretrain` folder: stages start from its weights; "
                    "a stage with 0 rounds (or trainable: frozen in the config) is used from it frozen (not trained, "
                    "not sent back, not charged); the config's trainable: all|condition|lora says what the others "
@@ -468,7 +473,7 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
 def _run_federate(args: argparse.Namespace) -> dict:
     from ecgtwin.config import STAGES, load_config
     from ecgtwin.coordinator.launch import simulate
-    from ecgtwin.coordinator.settings import simulation_settings
+    from ecgtwin.coordinator.settings import FederationSettings, simulation_settings
 
     load_config(args.config)  # a bad config fails here with one clear line
     rounds = {}
@@ -481,8 +486,12 @@ def _run_federate(args: argparse.Namespace) -> dict:
     if not any(args.sites_root.glob("*/privacy.yaml")):
         raise MissingInput(f"{args.sites_root}: no <site>/privacy.yaml found")
     out = args.out.resolve()
+    extra = {"server_lr": args.server_lr} if args.server_lr is not None else {}
     settings = simulation_settings(args.config, out, args.sites_root, rounds, args.foundation,
-                                   strategy=args.strategy, min_nodes=args.min_nodes, run_name=args.run_name)
+                                   strategy=args.strategy or ("fedadam" if args.secure_aggregation else "fedavg"),
+                                   min_nodes=args.min_nodes, run_name=args.run_name,
+                                   secure_aggregation=args.secure_aggregation, **extra)
+    FederationSettings.from_run_config(settings.to_run_config())  # a bad combination fails here, in one line
     status = simulate(settings.to_run_config(), out / "simulation.log", progress=not args.no_progress,
                       timeout=args.timeout)
     if status.get("status") != "finished":

@@ -244,3 +244,14 @@ def test_a_secure_round_in_the_simulation_engine(consortium, sites, tmp_path):
         assert [(e["stage"], e["distributed_sites"]) for e in entries] == [("vae", 3), ("ibe", 3)]
         assert Site(sites / site / "store", sites / site / "privacy.yaml").spent() == pytest.approx(
             history[-1]["sites"][site]["epsilon"])
+
+
+def test_federate_refuses_secure_aggregation_with_a_strategy_that_needs_each_update(consortium, sites, tmp_path,
+                                                                                     capsys):
+    from ecgtwin.cli import main
+
+    code = main(["federate", "--config", str(consortium["config_path"]), "--sites-root", str(sites), "--out",
+                 str(tmp_path / "out"), "--secure-aggregation", "--strategy", "fedmedian", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code != 0 and 'secure-aggregation: the sites release noisy gradient sums' in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out" / "metrics.jsonl").exists()
