@@ -22,8 +22,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from ecgtwin.checkpoint import atomic_write
-from ecgtwin.config import STAGES, config_from_text
-from ecgtwin.site import Site, check_reply, pass_key
+from ecgtwin.config import config_from_text
+from ecgtwin.site import Site, check_reply
 from ecgtwin.weights import model_shapes, pack, trainable_shapes, unpack
 
 ERROR_CODE = 0  # flwr.common.constant.ErrorCode.UNKNOWN: a refusal is the site's decision, not a crash
@@ -93,9 +93,7 @@ def secure_train(site: Site, msg: Message, ctxt: Context) -> Message:
                                        secure=True)
     if refusal is not None:
         raise Refused(refusal)
-    received = {s: weights[s] for s in STAGES[: STAGES.index(stage) + 1] if s in weights}
-    ctxt.state.config_records[PASS_RECORD] = ConfigRecord(
-        {"key": pass_key(str(config["run-id"]), stage, int(config["round"]), received, config_yaml, 0.0)})
+    ctxt.state.config_records[PASS_RECORD] = ConfigRecord({"key": str(site.last_key)})
     check_reply(stage, experiment, new, metrics, private=site.policy.private)
     shapes = trainable_shapes(stage, experiment)
     update = pack(new, shapes).astype(np.float64) - pack({k: weights[stage][k] for k in shapes}, shapes)

@@ -121,6 +121,7 @@ class Site:
         self.name = self.policy.site or self.folder.store.name
         self.progress = progress
         self.last_result: PassResult | None = None  # the last pass this object computed (site-side figures)
+        self.last_key: str | None = None  # the pass key of the last request
 
     @classmethod
     def open(cls, folder: SiteFolder, progress: bool = False, device: str = "auto") -> "Site":
@@ -148,6 +149,7 @@ class Site:
                               f"of at least {self.policy.distributed_sites} sites (distributed DP); not training")
         received = {s: dict(weights[s]) for s in STAGES[: STAGES.index(stage) + 1] if s in weights and len(weights[s])}
         key = pass_key(run_id, stage, server_round, received, config_yaml, proximal_mu)
+        self.last_key = key  # the pass this request is (client.secure records what it unmasks under it)
         stored = self._stored(key)
         if stored is not None:  # a repeated request: the same output again, at no cost (post-processing)
             return stored

@@ -255,3 +255,30 @@ def test_federate_refuses_secure_aggregation_with_a_strategy_that_needs_each_upd
     err = capsys.readouterr().err
     assert code != 0 and 'secure-aggregation: the sites release noisy gradient sums' in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_pass_is_unmasked_only_with_one_set_of_sites(sites):
+    """Two sums of one pass over different sets of sites would give away the difference: refused."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    from client.secure import PASS_RECORD, Refused, check_unmask
+
+    site = Site(sites / "site_a" / "store", sites / "site_a" / "privacy.yaml")
+    context = Context(run_id=1, node_id=100, node_config={}, state=RecordDict(), run_config={})
+    context.state.config_records[PASS_RECORD] = ConfigRecord({"key": "pass-1"})
+
+    def unmask(active, dead=()):
+        check_unmask(site, context, ConfigRecord({Key.ACTIVE_NODE_ID_LIST: list(active),
+                                                  Key.DEAD_NODE_ID_LIST: list(dead)}))
+
+    with pytest.raises(Refused, match="the sum would hold 2 sites .0 dropped.; the site's policy needs 3"):
+        unmask([100, 101])
+    with pytest.raises(Refused, match="1 dropped"):
+        unmask([100, 101, 102], dead=[103])
+    unmask([102, 100, 101])
+    unmask([100, 101, 102])  # the same set again (a retried round): allowed
+    with pytest.raises(Refused, match="unmasked with another set of sites"):
+        unmask([100, 101, 103])
+    context.state.config_records[PASS_RECORD] = ConfigRecord({"key": "pass-2"})
+    unmask([100, 101, 103])  # another pass: its own first set
