@@ -356,15 +356,23 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
             and r["row"].get("data", "synthetic") == "synthetic" and default_sampling(r)]  # other guidance: table only
     keys = (("fid", "FID (lower is better)"), ("hr_mae", "HR MAE, bpm"), ("condition_accuracy", "condition accuracy"),
             ("identification_top1", "identification top-1"))
-    fig = new_figure(figsize=(13, 4.6))
+    fig = new_figure(figsize=(13, 5.8))
     axes = fig.subplots(1, len(keys))
     eps_values = sorted({r["row"]["epsilon"] for r in rows if r["row"]["epsilon"] is not None})
     x_private = max(eps_values, default=8.0) * 1.6  # where "no DP" sits on the axis
-    groups: dict[str, list[dict]] = {}
+    from bench.tables import recipe
+
+    encoders: dict[int, list] = {}  # per size, its evaluation encoders in the order rows first used them
     for r in rows:
-        key = (f"{r['row']['patients_per_site']}/site, {r['row']['start']}, VAE {r['row']['vae']}, "
-               f"{r['row']['trainable']}" + ("" if r["row"]["batch_patients"] == Row.batch_patients
-                                             else f", {r['row']['batch_patients']} a step"))
+        seen = encoders.setdefault(r["row"]["patients_per_site"], [])
+        if r.get("real", {}).get("condition_accuracy_real") not in seen:
+            seen.append(r.get("real", {}).get("condition_accuracy_real"))
+    groups: dict[str, list[dict]] = {}
+    for r in rows:  # a line joins one recipe's rows evaluated by one encoder only (same_evaluation)
+        seen = encoders[r["row"]["patients_per_site"]]
+        key = (f"{r['row']['patients_per_site']}/site, {r['row']['start']}, VAE {r['row']['vae']}, {recipe(r['row'])}"
+               + ("" if len(seen) == 1 else
+                  f", evaluation {seen.index(r.get('real', {}).get('condition_accuracy_real')) + 1}"))
         groups.setdefault(key, []).append(r)
     for ax, (metric, title) in zip(axes, keys):
         ordered = sorted(groups.items(), key=lambda g: (g[1][0]["row"]["patients_per_site"], g[0]))
@@ -380,8 +388,8 @@ def plot(data: Path = DATA, png: Path = ROOT / "docs" / "privacy_utility.png") -
         ax.set_xlabel("epsilon per site")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.2, 1, 1))  # the legend below the panels, where it hides no point
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=6.5, frameon=False)
+    fig.tight_layout(rect=(0, 0.27, 1, 1))  # the legend below the panels, where it hides no point
     fig.savefig(png, dpi=110)
     return png
 
