@@ -18,9 +18,9 @@ from ecgtwin.supervise import procfs
 from ecgtwin.supervise.loopback import Loopback, group_alive, wait_for
 from ecgtwin.coordinator.status import read_status
 from ecgtwin.privacy import Ledger
-from test_federation import SITES, consortium, generator_works, one_thread, policy, sites  # noqa: F401  fixtures
+from test_federation import SITES, consortium, generator_works, policy, sites  # noqa: F401  fixtures
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_thread")]
 
 
 def children_of(pid: int) -> list[int]:
