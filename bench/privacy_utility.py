@@ -20,6 +20,9 @@ docs/privacy.md from it.
 `--data ptbxl` is the real-data row: the same foundation (pretrained on the simulator only), fine-tuned at
 three sites made of ../shared/data/ptbxl split by PTB-XL's own recording-site column (0, 1, 2 and 3), and
 evaluated on held-out PTB-XL patients with an evaluation encoder trained on other held-out PTB-XL patients.
+`--public-corpus real` starts it from that foundation trained on further with other real public databases
+in ../shared/data (the Challenge's Georgia and Chapman-Ningbo records, PTB) and simulated patients
+(configs/real-foundation.yaml; made once under OUT/public-real/foundation, with its card).
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ DATA = ROOT / "bench" / "data" / "privacy_utility.json"
 REGIMES = ROOT / "ecgtwin" / "privacy" / "regimes.json"
 HELD_OUT = 0.3
 PTBXL = ROOT.parent / "shared" / "data" / "ptbxl"
+# the real public foundation's corpora: the Challenge's records from databases other than PTB-XL (its HR*
+# records are PTB-XL ECGs) and PTB's long recordings; pooled with the simulator's public population
+CINC2021, PTBDB = PTBXL.with_name("cinc2021"), PTBXL.with_name("ptbdb")
+REAL_FOUNDATION_CONFIG = ROOT / "configs" / "real-foundation.yaml"
+REAL_FOUNDATION_SIMULATED = (150, 2)  # patients, records each: the simulator's share of its corpus
 PTBXL_SITES = {"site_a": ("0",), "site_b": ("1",), "site_c": ("2", "3")}  # PTB-XL's `site` column
 # 400 ECGs, of which only 22 patients have two or more: hold half the patients out so that some of those get
 # twins (the held-out patients with one ECG and a fifth of the others train the evaluation encoder)
@@ -76,6 +84,7 @@ class Row:
     local_steps: tuple[int, int] | None = None  # the IBE's and the twin stage's local steps per round (default: plan())
     noise_draws: int = 1  # the twin stage's (t, noise) draws per record, averaged before clipping (DPDM)
     distributed: bool = False  # distributed DP: sigma/sqrt(3) per site, one step a round through SecAgg+
+    public: str = "simulator"  # the foundation's public data: simulator (foundations/demo) | real (+ real DBs)
 
     @property
     def name(self) -> str:
@@ -104,6 +113,8 @@ class Row:
             suffix += f"-m{self.noise_draws}"
         if self.distributed:
             suffix += "-dist"
+        if self.public != "simulator":
+            suffix += f"-pub{self.public}"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -134,8 +145,30 @@ def run_row(row: Row, out: Path) -> dict:
     """Train and evaluate one row under out/<size>/<row name>; returns the row's record."""
     base = out / ("ptbxl" if row.data == "ptbxl" else f"n{row.patients_per_site}")
     stores = _ptbxl_stores(base) if row.data == "ptbxl" else _stores(base, row.patients_per_site)  # not timed
+    if row.public == "real":  # pretrained once, not timed: the foundation is public, not the row's cost
+        row = dataclasses.replace(row, foundation=str(real_foundation(out / "public-real", Path(row.foundation))))
     with CpuMeter() as meter:
         return _measured_row(row, base, stores, meter)
+
+
+def real_foundation(out: Path, start: Path, cinc2021: Path = CINC2021, ptbdb: Path = PTBDB) -> Path:
+    """The public foundation on real ECGs as well: `start` (the simulator's) trained on further with the
+    Challenge's non-PTB-XL records and PTB's recordings pooled with simulated patients (reused when made)."""
+    from ecgtwin.foundation import Corpus, pretrain
+
+    folder = out / "foundation"
+    if (folder / "card.json").is_file():
+        return folder
+    corpus = out / "cinc2021-without-ptbxl"  # links: the Challenge's HR* records are PTB-XL's own ECGs
+    corpus.mkdir(parents=True, exist_ok=True)
+    for path in sorted(cinc2021.iterdir()):
+        if not path.name.startswith("HR") and path.suffix in (".hea", ".mat", ".csv") and not (corpus / path.name).exists():
+            (corpus / path.name).symlink_to(path.resolve())
+    patients, records = REAL_FOUNDATION_SIMULATED
+    pretrain(load_config(REAL_FOUNDATION_CONFIG), "synthetic", folder, patients=patients, records_per_patient=records,
+             corpora=[Corpus("challenge", corpus), Corpus("wfdb", ptbdb)], continue_from=start, progress=True,
+             command=["python", "-m", "bench.privacy_utility", "--data", "ptbxl", "--public-corpus", "real"])
+    return folder
 
 
 def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter) -> dict:
@@ -529,6 +562,10 @@ def main() -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="distributed DP: each site adds sigma/sqrt(3), every DP step its own SecAgg+ round, "
                              "FedAdam at --finetune-lr on the unmasked sum")
+    parser.add_argument("--public-corpus", choices=["simulator", "real"], default="simulator",
+                        help="the foundation's public data: the simulator's population (--foundation), or that "
+                        "foundation trained on further with real public databases (the Challenge's non-PTB-XL "
+                        "records and PTB from ../shared/data) pooled with simulated patients")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -556,7 +593,7 @@ def main() -> None:
               eval_patients=args.eval_patients, guidance=args.guidance,
               guidance_person=args.person_guidance, finetune_lr=args.finetune_lr,
               local_steps=args.local_steps, noise_draws=args.noise_draws,
-              distributed=args.distributed)
+              distributed=args.distributed, public=args.public_corpus)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

@@ -427,7 +427,7 @@ def privacy_utility(d: dict) -> str:
     """The privacy-utility rows: `python -m bench.privacy_utility ... --record` as committed."""
     rows = []
     starts = {"public-only": 0, "foundation": 1, "scratch": 2}
-    order = lambda r: (r["row"].get("data", "synthetic") == "ptbxl", r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
+    order = lambda r: (r["row"].get("data", "synthetic") == "ptbxl", r["row"].get("public", "simulator"), r["row"]["patients_per_site"], starts.get(r["row"]["start"], 3), r["row"]["vae"],  # noqa: E731
                        r["row"]["trainable"], r["row"].get("precision", "fp32") != "fp32", r["row"]["batch_patients"],
                        r["row"]["finetune_lr"], r["row"].get("guidance", 2.0), r["row"].get("guidance_person", 2.0),
                        -(r["row"]["epsilon"] or 1e9))
@@ -445,7 +445,8 @@ def privacy_utility(d: dict) -> str:
         trainable = recipe(row)
         size = "PTB-XL" if row.get("data") == "ptbxl" else str(row["patients_per_site"])
         vae = "trained" if row["vae"] == "dp" and row["epsilon"] is None else row["vae"]  # no DP, no noise
-        rows.append([size, eps, row["start"], vae, trainable,
+        start = row["start"] + (" (real DBs)" if row.get("public", "simulator") != "simulator" else "")
+        rows.append([size, eps, start, vae, trainable,
                      cell("fid", 1), cell("hr_mae", 1), cell("condition_accuracy", 2), cell("identification_top1", 2),
                      f(r.get("real", {}).get("identification_real_top1"), 2),
                      # the evaluation encoder's fingerprint: rows with another figure here are not comparable
@@ -459,6 +460,36 @@ def privacy_utility(d: dict) -> str:
     return table(["patients / site", "epsilon", "start", "VAE", "IBE + twin train", "FID", "HR MAE",
                   "cond. acc.", "id. top-1", "id. top-1 of real ECGs", "cond. acc. of real ECGs", "twin noise / mean",
                   "twin noise norm / C", "train wall min", "train CPU min"], rows)
+
+
+def privacy_ptbxl(d: dict) -> str:
+    """Issue 24 part 2: per public foundation, what DP fine-tuning at the PTB-XL sites buys over the
+    foundation alone, on FID of held-out PTB-XL patients (lower is better; 95 % intervals)."""
+    from bench.privacy_utility import same_evaluation
+
+    rows = [r for r in d["rows"].values() if r["row"].get("data") == "ptbxl" and r["metrics"] is not None
+            and r["row"]["start"] != "scratch" and r["row"]["vae"] == "frozen"]
+    out = []
+    for public in ("simulator", "real"):
+        mine = [r for r in rows if r["row"].get("public", "simulator") == public]
+        alone = next((r for r in mine if r["row"]["start"] == "public-only"), None)
+        if alone is None:
+            continue
+        for r in sorted(mine, key=lambda r: (r["row"]["start"] != "public-only", -(r["row"]["epsilon"] or 1e9),
+                                             recipe(r["row"]))):
+            ci = r.get("intervals", {}).get("fid")
+            fid = f(r["metrics"]["fid"], 1) + (f" ({ci[0]:.1f}-{ci[1]:.1f})" if ci else "")
+            private = r["row"]["start"] == "foundation" and r["row"]["epsilon"] is not None
+            beats = ("n/a" if not private else "not comparable" if not same_evaluation(r, alone) else
+                     "yes" if r["metrics"]["fid"] < alone["metrics"]["fid"] else "no")
+            eps = "no DP" if r["row"]["epsilon"] is None else f"{r['row']['epsilon']:g}"
+            out.append([PUBLIC_CORPUS[public], r["row"]["start"], eps, recipe(r["row"]), fid,
+                        f(r["metrics"].get("hr_mae"), 1), beats])
+    return table(["foundation pretrained on", "start", "epsilon", "IBE + twin train", "FID", "HR MAE",
+                  "beats public-only"], out)
+
+
+PUBLIC_CORPUS = {"simulator": "the simulator", "real": "the simulator, then real DBs + simulator"}
 
 
 def privacy_person_guidance(d: dict) -> str:
@@ -535,6 +566,7 @@ REGIONS = {
     "privacy-utility": ("privacy.md", "privacy_utility", privacy_utility),
     "privacy-person-guidance": ("privacy.md", "privacy_utility", privacy_person_guidance),
     "privacy-gap": ("privacy.md", "privacy_utility", privacy_gap),
+    "privacy-ptbxl": ("privacy.md", "privacy_utility", privacy_ptbxl),
     "privacy-weight-movement": ("privacy.md", "benchmarks/weight_movement", privacy_weight_movement),
 }
 

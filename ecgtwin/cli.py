@@ -522,6 +522,12 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patients", type=int, default=200, help="synthetic: patients of the public population")
     p.add_argument("--records-per-patient", type=int, default=3, help="synthetic: ECGs per patient")
     p.add_argument("--rate", type=int, choices=[100, 500], help="ptbxl: which copy of the records to read")
+    p.add_argument("--corpus", action="append", default=[], metavar="SOURCE=FOLDER",
+                   help="one more public database pooled with --source (repeat for several), e.g. "
+                   "challenge=../shared/data/cinc2021")
+    p.add_argument("--continue-from", type=Path, metavar="FOUNDATION",
+                   help="start every stage from this foundation's weights (e.g. the simulator's, trained on "
+                   "further on real public ECGs); the card names it")
     _device(p)
     _compute(p)
     _common(p)
@@ -530,10 +536,11 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _run_pretrain(args: argparse.Namespace) -> dict:
     from ecgtwin.config import load_config
-    from ecgtwin.foundation import pretrain
+    from ecgtwin.foundation import Corpus, pretrain
 
     return pretrain(_with_compute(load_config(args.config), args), args.source, args.out, root=args.root, patients=args.patients,
                     records_per_patient=args.records_per_patient, rate=args.rate,
+                    corpora=[Corpus.parse(text) for text in args.corpus], continue_from=args.continue_from,
                     command=["ecgtwin", *(a for a in sys.argv[1:] if a not in DISPLAY_FLAGS)] if sys.argv[1:] else None,
                     progress=not args.no_progress,
                     device=resolve_device(args.device))

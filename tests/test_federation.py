@@ -30,6 +30,7 @@ from ecgtwin.config import STAGES, config_from_text, config_text
 from ecgtwin.supervise.loopback import flower_env
 from ecgtwin.coordinator.settings import FederationError
 from ecgtwin.coordinator.state import RunState
+from ecgtwin.errors import UserError
 from ecgtwin.coordinator.status import read_status
 from ecgtwin.weights import FLAT, initial_weights, model_shapes, pack, trainable_shapes, unpack
 from ecgtwin.privacy import Ledger
@@ -695,6 +696,38 @@ def test_pretrain_on_a_real_public_corpus_reads_it_through_the_readers(consortiu
     assert card["patients"] <= database.patient_id.nunique()
     assert not (tmp_path / "f" / "public-store").exists() and not list((tmp_path / "f").glob("*_state.pt"))
     generator_works(tmp_path / "f")
+
+
+def test_pretrain_continues_a_foundation_on_pooled_real_corpora(consortium, foundation, challenge_root, ptbdb_root,
+                                                                tmp_path):
+    """`pretrain --continue-from F --corpus challenge=... --corpus wfdb=...`: the simulator's foundation trained
+    on further with real public databases pooled in: every record of each corpus is counted (the Challenge's
+    50 recordings, PTB's long recordings cut into 10 s windows, counted here from the headers), each stage
+    starts from F's weights (its first loss is F's final loss' size, not a random model's), and it generates."""
+    import wfdb
+
+    from ecgtwin.foundation import Corpus, pretrain
+
+    config = copy.deepcopy(consortium["config"])
+    config.vae.steps, config.ibe.steps, config.twin.steps = 3, 2, 3
+    card = pretrain(config, "synthetic", tmp_path / "f", patients=4, records_per_patient=2,
+                    corpora=[Corpus.parse(f"challenge={challenge_root}"), Corpus.parse(f"wfdb={ptbdb_root}")],
+                    continue_from=foundation)
+    windows = sum(int(h.sig_len / h.fs // 10) for h in (wfdb.rdheader(str(p.with_suffix("")))
+                                                         for p in sorted(ptbdb_root.rglob("*.hea"))))
+    signals = [wfdb.rdrecord(str(p.with_suffix(""))).p_signal for p in sorted(challenge_root.glob("*.hea"))]
+    flat = sum(bool((np.abs(x) == 0).all(axis=0).any()) for x in signals)  # a lead of zeros: refused, and said so
+    assert card["records_per_corpus"] == {"synthetic": 8, "challenge": len(signals) - flat, "wfdb": windows}
+    assert card["records"] == sum(card["records_per_corpus"].values()) and card["rejected"] == flat > 0
+    assert card["patients"] == 4 + len(signals) - flat + 1  # the Challenge: one per recording; PTB: one folder
+    start = json.loads((foundation / "card.json").read_text())
+    assert card["continued_from"] == {"path": str(foundation), "sha256": start["sha256"]}
+    for stage in ("vae", "twin"):  # a random model starts far above where the foundation ended
+        assert card["stages"][stage]["first_loss"] < 0.5 * start["stages"][stage]["first_loss"], stage
+    assert "continued from" in (tmp_path / "f" / "card.md").read_text()
+    generator_works(tmp_path / "f")
+    with pytest.raises(UserError, match="SOURCE=FOLDER"):
+        Corpus.parse("cinc2021")
 
 
 def test_a_frozen_foundation_stage_is_sent_never_trained_and_costs_nothing(consortium, sites, tmp_path, foundation,

@@ -19,6 +19,7 @@ def test_rows_that_differ_only_in_guidance_share_one_model():
     assert Row(patients_per_site=2000, trainable="lora", finetune_lr=2e-3).name == \
         "n2000-eps8-foundation-vaefrozen-lora-lr0.002"
     assert Row(patients_per_site=2000, noise_draws=2).model_name == default.name + "-m2"
+    assert Row(data="ptbxl", batch_patients=8, public="real").name == "ptbxl-eps8-foundation-vaefrozen-all-pubreal"
     # distributed DP: the same DP steps, one SecAgg+ round each
     distributed = Row(patients_per_site=2000, distributed=True)
     assert distributed.model_name == default.name + "-dist"

@@ -121,3 +121,25 @@ def test_reading_ahead_gives_the_batch_asked_for_whatever_was_announced(ptbxl_st
     opened.read(np.array([0]), [np.array([1, 399])])
     with pytest.raises(UserError, match=r"signals.npy: row 399 .*truncated"):
         opened.read(np.array([1, 399]))
+
+
+def test_merged_stores_keep_every_record_and_two_databases_patients_apart(ptbxl_store, challenge_root, tmp_path):
+    """A public corpus of two databases as one store: each part's rows and signals unchanged, ids named
+    after the part (so the same patient id in two parts is two patients), one representation or a refusal."""
+    from ecgtwin.data.store import merge_stores
+
+    challenge = SiteStore(prepare_store("challenge", challenge_root, tmp_path / "c")["store"])
+    ptbxl = SiteStore(ptbxl_store)
+    merged = merge_stores({"ptbxl": ptbxl, "again": ptbxl, "challenge": challenge}, tmp_path / "m")
+    assert len(merged) == 2 * len(ptbxl) + len(challenge)
+    assert len(merged.patients) == 2 * len(ptbxl.patients) + len(challenge.patients)
+    for name, part in (("ptbxl", ptbxl), ("again", ptbxl), ("challenge", challenge)):
+        for patient in part.patients[:5]:
+            rows, mine = part.records_of(patient), merged.records_of(f"{name}/{patient}")
+            np.testing.assert_array_equal(merged.read(mine), part.read(rows))
+            assert list(merged.records.iloc[mine].report) == list(part.records.iloc[rows].report)
+    assert merged.manifest["summary"]["parts"] == {"ptbxl": 400, "again": 400, "challenge": len(challenge)}
+    other = prepare_store("challenge", challenge_root, tmp_path / "c2", PreprocessConfig(n_samples=512))["store"]
+    with pytest.raises(UserError, match="c2: signals of .* one representation"):
+        merge_stores({"ptbxl": ptbxl, "short": SiteStore(other)}, tmp_path / "m2")
+    assert not (tmp_path / "m2").exists()

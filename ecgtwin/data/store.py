@@ -227,6 +227,36 @@ class ReadAhead:
         return torch.from_numpy(batch).pin_memory()
 
 
+def merge_stores(parts: dict[str, SiteStore], out: str | Path) -> SiteStore:
+    """One store made of prepared ones (a public corpus of several databases). Ids get their part's name in
+    front, so two databases' patient "17" stay two patients; a part's records keep their rows and signals."""
+    representations = {name: store.manifest["representation"] for name, store in parts.items()}
+    first_name, first = next(iter(representations.items()))
+    for name, representation in representations.items():
+        if representation != first:
+            raise UserError(f"{parts[name].path}: signals of {representation}, {parts[first_name].path} of {first}; "
+                            "a merged store needs one representation")
+    writer = StoreWriter(out, int(first["n_samples"]))
+    try:
+        for name, store in parts.items():
+            table = store.records.reindex(columns=list(RECORD_COLUMNS), fill_value="")
+            for column in ("record_id", "patient_id"):
+                table[column] = f"{name}/" + table[column].astype(str)
+            for start in range(0, len(store), 256):
+                rows = np.arange(start, min(start + 256, len(store)))
+                for row, signal in zip(table.iloc[rows].to_dict("records"), store.read(rows)):
+                    writer.add(row, signal)
+            for item in store.rejected().itertuples(index=False):
+                writer.reject(Rejected(source=item.source, reason=item.reason, message=item.message))
+        writer.commit({"source": "merged", "parts": {name: store.manifest for name, store in parts.items()},
+                       "representation": first,
+                       "summary": {"records": len(writer.rows), "parts": {n: len(s) for n, s in parts.items()}}})
+    except BaseException:
+        writer.abort()
+        raise
+    return SiteStore(out)
+
+
 def read_rows(path: Path, offset: int, row_shape: tuple[int, ...], rows: np.ndarray) -> np.ndarray:
     """Rows of a C-ordered float32 array stored at `offset` of `path`, read with positioned reads in
     ascending order (sequential on disk) and returned in the order asked."""
