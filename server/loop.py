@@ -160,7 +160,7 @@ def _plain_round(grid: Grid, settings: FederationSettings, state: RunState, stag
 def _secure_round(grid: Grid, settings: FederationSettings, state: RunState, stage: str, rnd: int,
                   experiment: ExperimentConfig, shapes: dict, strategy: FedAvg, nodes: list[int]) -> tuple:
     """The round through SecAgg+ (server.secure): the strategy steps along the unmasked mean update."""
-    from server.secure import report_problem, secure_mean, step_reply
+    from server.secure import secure_mean, step_reply
 
     log(INFO, "ecgtwin: %s round %d/%d: secure aggregation with %d sites", stage, rnd, settings.rounds(stage),
         len(nodes))
@@ -168,7 +168,7 @@ def _secure_round(grid: Grid, settings: FederationSettings, state: RunState, sta
     failed = [f"node {node}: {reason.strip().splitlines()[-1] if reason.strip() else 'error'}"
               for node, reason in errors.items()]
     size = sum(int(np.prod(shape)) for shape in shapes.values())
-    problems = [p for p in map(report_problem, reports) if p]
+    problems = [p for p in (unlisted_metrics(r, also=frozenset({"site", "node_id"})) for r in reports) if p]
     if mean is None or len(reports) < max(2, settings.min_nodes) or problems:
         raise FederationError(
             f"{stage} round {rnd}: secure aggregation unmasked no sum of at least {max(2, settings.min_nodes)} "
@@ -200,6 +200,12 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll_s: float 
     return {node: replies.get(mid) for mid, node in node_of.items()}
 
 
+def unlisted_metrics(metrics: dict, also: frozenset[str] = frozenset()) -> str | None:
+    """The server's allowlist of what a site reports (plus `also`: what the server itself adds)."""
+    unknown = sorted(set(metrics) - ALLOWED_METRICS - also)
+    return f"metrics outside the allowlist: {unknown}" if unknown else None
+
+
 def _check(reply: Message, shapes: dict, metrics: dict) -> str | None:
     """The server's own check of a site's reply (the site checks before sending, too)."""
     if "arrays" not in reply.content.array_records:
@@ -213,9 +219,8 @@ def _check(reply: Message, shapes: dict, metrics: dict) -> str | None:
         return f"weights: {exc}"
     if not np.all(np.isfinite(arrays[FLAT].numpy())):
         return "non-finite weights"
-    unknown = sorted(set(metrics) - ALLOWED_METRICS)
-    if unknown:
-        return f"metrics outside the allowlist: {unknown}"
+    if (problem := unlisted_metrics(metrics)) is not None:
+        return problem
     if not metrics.get("num-examples", 0) > 0:
         return "num-examples missing or 0"
     return None

@@ -23,7 +23,6 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from ecgtwin.config import STAGES, ExperimentConfig, config_text
 from ecgtwin.coordinator.settings import FederationSettings
-from ecgtwin.site import ALLOWED_METRICS
 from ecgtwin.weights import FLAT, model_shapes, pack
 
 QUANTIZATION_RANGE = 1 << 22  # SecAgg+'s levels per coordinate (its default): K sites x 2^22 < its 2^32 modulus
@@ -111,7 +110,3 @@ def step_reply(current_flat: np.ndarray, mean: np.ndarray) -> Message:
                                "metrics": MetricRecord({"num-examples": 1})}), dst_node_id=0,
                    message_type=MessageType.TRAIN)
 
-
-def report_problem(report: dict) -> str | None:
-    unknown = sorted(set(report) - ALLOWED_METRICS - {"site", "node_id"})
-    return f"metrics outside the allowlist: {unknown}" if unknown else None
