@@ -6,6 +6,7 @@
     python -m bench.privacy_utility ... --trainable lora      # or condition; the IBE and twin stages
     python -m bench.privacy_utility ... --vae dp              # fine-tune the VAE with DP too (default: frozen)
     python -m bench.privacy_utility ... --precision bf16      # train and generate under bf16 autocast
+    python -m bench.privacy_utility ... --sites 10            # more sites (d-j grown from the same seed)
     python -m bench.privacy_utility --plot                    # docs/privacy_utility*.png from the committed JSON
     python -m bench.privacy_utility --regimes                 # ecgtwin/privacy/regimes.json (privacy plan reads it)
 
@@ -83,8 +84,9 @@ class Row:
     guidance_person: float = GUIDANCE_PERSON  # person guidance of the evaluation's twins (generation only)
     local_steps: tuple[int, int] | None = None  # the IBE's and the twin stage's local steps per round (default: plan())
     noise_draws: int = 1  # the twin stage's (t, noise) draws per record, averaged before clipping (DPDM)
-    distributed: bool = False  # distributed DP: sigma/sqrt(3) per site, one step a round through SecAgg+
+    distributed: bool = False  # distributed DP: sigma/sqrt(sites) per site, one step a round through SecAgg+
     public: str = "simulator"  # the foundation's public data: simulator (foundations/demo) | real (+ real DBs)
+    sites: int = 3  # synthetic: sites a-c, and more sites grown from the same seed (evaluated on a-c's patients)
 
     @property
     def name(self) -> str:
@@ -115,6 +117,8 @@ class Row:
             suffix += "-dist"
         if self.public != "simulator":
             suffix += f"-pub{self.public}"
+        if self.sites != Row.sites:
+            suffix += f"-{self.sites}sites"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -144,7 +148,8 @@ class Row:
 def run_row(row: Row, out: Path) -> dict:
     """Train and evaluate one row under out/<size>/<row name>; returns the row's record."""
     base = out / ("ptbxl" if row.data == "ptbxl" else f"n{row.patients_per_site}")
-    stores = _ptbxl_stores(base) if row.data == "ptbxl" else _stores(base, row.patients_per_site)  # not timed
+    stores = (_ptbxl_stores(base) if row.data == "ptbxl"  # not timed
+              else _stores(base, row.patients_per_site, row.sites))
     if row.public == "real":  # pretrained once, not timed: the foundation is public, not the row's cost
         row = dataclasses.replace(row, foundation=str(real_foundation(out / "public-real", Path(row.foundation))))
     with CpuMeter() as meter:
@@ -177,7 +182,7 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
 
     started, cpu0 = time.perf_counter(), meter.seconds()
     rounds, steps, fractions = row.plan()
-    scale = Scale(patients_per_site=row.patients_per_site, rounds=rounds, local_steps=steps,
+    scale = Scale(sites=row.sites, patients_per_site=row.patients_per_site, rounds=rounds, local_steps=steps,
                   batch_patients=row.batch_patients, budget_fractions=fractions, held_out_fraction=row.held_out,
                   twins_per_patient=row.twins_per_patient)
     folder = base / row.model_name
@@ -189,7 +194,7 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
         try:
             model = train_federated(folder, stores, scale, row.epsilon, config=_config(row, folder),
                                     foundation=Path(row.foundation) if row.start == "foundation" else None,
-                                    distributed_sites=3 if row.distributed else None, server_lr=row.finetune_lr)
+                                    distributed_sites=row.sites if row.distributed else None, server_lr=row.finetune_lr)
         except RuntimeError as exc:  # the sites refused the plan: that is the row's result
             if (refused := _refusal(str(exc))) is None:
                 raise
@@ -273,7 +278,10 @@ def regimes(data: Path = DATA, out: Path = REGIMES) -> Path:
     return out
 
 
-def _stores(base: Path, patients: int) -> dict[str, Path]:
+def _stores(base: Path, patients: int, sites: int = Row.sites) -> dict[str, Path]:
+    """Site stores, the pooled store of sites a-c (the evaluation's held-out patients in every row of a size)
+    and the reference population (the evaluation encoder's). Beyond three sites, sites d, e, ... are grown
+    from the same seed into their own folder: a-c stay the same patients."""
     from ecgtwin.data.synthetic import synthesize_consortium
 
     for name, seed in (("consortium", 0), ("reference", REFERENCE_SEED)):
@@ -282,6 +290,13 @@ def _stores(base: Path, patients: int) -> dict[str, Path]:
                                   seed=seed, progress=False)
     stores = {d.name: _store("synthetic", d, base / "stores" / d.name, workers=2)
               for d in sorted(p.parent for p in (base / "consortium").glob("*/metadata.csv"))}
+    if sites > Row.sites:
+        grown = base / f"consortium-{sites}sites"
+        if not grown.is_dir():
+            synthesize_consortium(grown, sites=sites - Row.sites, patients_per_site=patients, records_per_patient=3,
+                                  seed=0, first_site=Row.sites, progress=False)
+        stores |= {d.name: _store("synthetic", d, base / "stores" / d.name, workers=2)
+                   for d in sorted(p.parent for p in grown.glob("*/metadata.csv"))}
     stores["pooled"] = _store("synthetic", base / "consortium", base / "pooled-store", workers=2)
     stores["reference"] = _store("synthetic", base / "reference", base / "reference-store", workers=2)
     return stores
@@ -560,12 +575,15 @@ def main() -> None:
                         help="noise multiplicity: (t, noise) draws per record in the twin stage, averaged "
                              "before clipping (default 1)")
     parser.add_argument("--distributed", action="store_true",
-                        help="distributed DP: each site adds sigma/sqrt(3), every DP step its own SecAgg+ round, "
+                        help="distributed DP: each of the K (--sites) sites adds sigma/sqrt(K), every DP step its own SecAgg+ round, "
                              "FedAdam at --finetune-lr on the unmasked sum")
     parser.add_argument("--public-corpus", choices=["simulator", "real"], default="simulator",
                         help="the foundation's public data: the simulator's population (--foundation), or that "
                         "foundation trained on further with real public databases (the Challenge's non-PTB-XL "
                         "records and PTB from ../shared/data) pooled with simulated patients")
+    parser.add_argument("--sites", type=int, default=Row.sites,
+                        help="synthetic: the consortium's sites (default 3); more sites are grown from the same "
+                             "seed and the twins are still evaluated on the held-out patients of sites a-c")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -580,6 +598,8 @@ def main() -> None:
     if args.batch_patients is not None and (args.epsilon.lower() == "none" or args.start == "public-only"):
         parser.error("--batch-patients sets the expected patients of a DP step; a non-private row trains with "
                      "the config's batch size whatever it says")
+    if args.sites < 2 or (args.sites != Row.sites and args.data != "synthetic"):
+        parser.error("--sites: at least 2, and only for the synthetic consortium")
     if args.distributed and (args.epsilon.lower() == "none" or args.start != "foundation"):
         parser.error("--distributed splits DP noise among the sites: it needs --epsilon and --start foundation")
     sized = ({"patients_per_site": 0, "batch_patients": args.batch_patients or PTBXL_BATCH, "twins_per_patient": 4}
@@ -593,7 +613,7 @@ def main() -> None:
               eval_patients=args.eval_patients, guidance=args.guidance,
               guidance_person=args.person_guidance, finetune_lr=args.finetune_lr,
               local_steps=args.local_steps, noise_draws=args.noise_draws,
-              distributed=args.distributed, public=args.public_corpus)
+              distributed=args.distributed, public=args.public_corpus, sites=args.sites)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

@@ -400,6 +400,7 @@ def recipe(row: dict) -> str:
     label += "" if row["finetune_lr"] == 2e-4 else f", lr {row['finetune_lr']:g}"
     label += "" if row.get("noise_draws", 1) == 1 else f", {row['noise_draws']} noise draws"
     label += ", distributed DP (SecAgg+)" if row.get("distributed") else ""
+    label += "" if row.get("sites", 3) == 3 else f", {row['sites']} sites"
     label += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
     return label + ("" if row.get("guidance_person", 2.0) == 2.0 else f", person guidance {row['guidance_person']:g}")
 

@@ -21,6 +21,7 @@ from wfdb import processing
 
 from ecgtwin.data.record import LEADS
 from ecgtwin.data.synthetic import check_conditions, synthesize_consortium
+from ecgtwin.errors import UserError
 
 FS = 500.0
 SEED = 11
@@ -334,6 +335,24 @@ def test_same_seed_same_files_other_seed_other_files(tmp_path: Path) -> None:
     assert one == two
     assert one.keys() == three.keys()
     assert all(one[name] != three[name] for name in one if name.endswith(".dat"))
+
+
+def test_a_consortium_grows_by_more_sites_without_changing_the_first(tmp_path: Path) -> None:
+    """bench.privacy_utility --sites 10 grows sites d-j beside a-c: a site's files must not depend on
+    which other sites were written with it."""
+    def digest(directory: Path) -> dict[str, str]:
+        return {p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(directory.rglob("*")) if p.is_file()}
+
+    kwargs = dict(patients_per_site=2, records_per_patient=2, seed=5)
+    whole = synthesize_consortium(tmp_path / "whole", sites=4, **kwargs)
+    synthesize_consortium(tmp_path / "first", sites=2, **kwargs)
+    grown = synthesize_consortium(tmp_path / "grown", sites=2, first_site=2, **kwargs)
+    assert grown["sites"] == whole["sites"][2:] == ["site_c", "site_d"]
+    assert grown["site_kinds"] == {s: whole["site_kinds"][s] for s in grown["sites"]}
+    assert {**digest(tmp_path / "first"), **digest(tmp_path / "grown")} == digest(tmp_path / "whole")
+    with pytest.raises(UserError, match="first_site"):
+        synthesize_consortium(tmp_path / "bad", sites=1, first_site=-1, **kwargs)
 
 
 # --- Physiology, measured -----------------------------------------------------------------------

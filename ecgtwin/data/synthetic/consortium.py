@@ -290,23 +290,27 @@ def synthesize_consortium(
     duration_s: float = 10.0,
     progress: bool = False,
     profiles: tuple[SiteProfile, ...] = SITE_PROFILES,
+    first_site: int = 0,
 ) -> dict:
     """Write a synthetic consortium as WFDB records: out/<site>/<record>.hea/.dat + out/<site>/metadata.csv.
 
     Deterministic given `seed` (every patient and recording has its own seeded generator). Returns
     a summary: site names, counts, condition counts per site, and the time it took. Site i follows
-    `profiles[i % len(profiles)]`.
+    `profiles[i % len(profiles)]`. `first_site`: the sites' indices start there, so a consortium grows by
+    more sites (the same seed gives every site the same patients, whatever the others).
     """
-    if sites < 1 or patients_per_site < 1 or records_per_patient < 1:
-        raise UserError("sites, patients_per_site and records_per_patient must all be at least 1")
+    if sites < 1 or patients_per_site < 1 or records_per_patient < 1 or first_site < 0:
+        raise UserError("sites, patients_per_site and records_per_patient must all be at least 1, "
+                        "first_site at least 0")
     if fs < 50.0 or duration_s < 1.0:
         raise UserError(f"need fs >= 50 Hz and duration_s >= 1 s, got fs={fs}, duration_s={duration_s}")
     out = Path(out)
     start = time.perf_counter()
-    names = [site_name(i) for i in range(sites)]
+    indices = range(first_site, first_site + sites)
+    names = [site_name(i) for i in indices]
     counts: dict[str, dict[str, int]] = {}
     with tqdm(total=sites * patients_per_site * records_per_patient, disable=not progress, unit="rec") as bar:
-        for site_index, site in enumerate(names):
+        for site_index, site in zip(indices, names):
             rows = _write_site(
                 out / site, profiles[site_index % len(profiles)], site_index, site, patients_per_site,
                 records_per_patient, seed, fs, duration_s, bar,
@@ -317,7 +321,7 @@ def synthesize_consortium(
     return {
         "out": str(out),
         "sites": names,
-        "site_kinds": {site: profiles[i % len(profiles)].kind for i, site in enumerate(names)},
+        "site_kinds": {site: profiles[i % len(profiles)].kind for i, site in zip(indices, names)},
         "patients": sites * patients_per_site,
         "records": n_records,
         "condition_counts": counts,
