@@ -575,8 +575,8 @@ def main() -> None:
                         help="noise multiplicity: (t, noise) draws per record in the twin stage, averaged "
                              "before clipping (default 1)")
     parser.add_argument("--distributed", action="store_true",
-                        help="distributed DP: each of the K (--sites) sites adds sigma/sqrt(K), every DP step its own SecAgg+ round, "
-                             "FedAdam at --finetune-lr on the unmasked sum")
+                        help="distributed DP: each of the K (--sites) sites adds sigma/sqrt(K), every DP step "
+                             "its own SecAgg+ round, FedAdam at --finetune-lr on the unmasked sum")
     parser.add_argument("--public-corpus", choices=["simulator", "real"], default="simulator",
                         help="the foundation's public data: the simulator's population (--foundation), or that "
                         "foundation trained on further with real public databases (the Challenge's non-PTB-XL "
