@@ -24,6 +24,7 @@ def test_rows_that_differ_only_in_guidance_share_one_model():
     distributed = Row(patients_per_site=2000, distributed=True)
     assert distributed.model_name == default.name + "-dist"
     assert distributed.plan()[:2] == ((0, 40, 240), (1, 1, 1)) and default.plan()[:2] == ((0, 1, 2), (1, 40, 120))
+    assert Row(patients_per_site=2000, sites=10).model_name == default.name + "-10sites"
 
 
 def entry(row: Row, fid: float, accuracy: float, noise: float | None) -> dict:
@@ -90,3 +91,21 @@ def test_the_gap_closed_is_measured_from_the_public_foundation_to_non_private_fi
     assert got["per_condition_share"]["AF"] is None  # non-private is no better than public on AF: no gap
     assert got["target"] == 0.5 and shares[worse["name"]]["target"] == 0.3
     assert shares[worse["name"]]["fid_share"] == -0.5 and shares[worse["name"]]["per_condition_share"] == {}
+
+
+def test_a_row_measured_again_by_another_evaluation_encoder_keeps_the_first(tmp_path):
+    """A wiped cache trains the evaluation encoder again: the older rows of the first encoder are compared
+    only with references of that encoder, so recording a reference again must not delete them."""
+    from bench.privacy_utility import record
+
+    data = tmp_path / "pu.json"
+    public = entry(Row(patients_per_site=2000, epsilon=None, start="public-only"), 48.0, 0.60, None)
+    public["real"] = {"condition_accuracy_real": 0.943}
+    again = {**public, "metrics": {"fid": 50.0, "condition_accuracy": 0.5}, "real": {"condition_accuracy_real": 0.95}}
+    record(public, "python -m bench.privacy_utility --record", data)
+    record(public, "python -m bench.privacy_utility --record", data)  # the same encoder: replaced
+    assert list(json.loads(data.read_text())["rows"]) == [public["name"]]
+    record(again, "python -m bench.privacy_utility --record", data)
+    rows = json.loads(data.read_text())["rows"]
+    assert rows[public["name"]]["metrics"]["fid"] == 50.0
+    assert rows[f"{public['name']}@0.943"]["metrics"]["fid"] == 48.0
