@@ -472,7 +472,9 @@ def gap_closed(rows: list[dict]) -> list[dict]:
     """Per DP fine-tuning row of the synthetic consortium (default sampling, fp32), the share of its size's
     public-only -> non-private gap it closes: on FID, on condition accuracy, and on the recognition of each
     requested condition both references report. The non-private reference fine-tunes every parameter with
-    the default recipe; both references were evaluated by the row's evaluation encoder (same_evaluation). Issue 24's target: half of each gap at epsilon 8, 30 % at epsilon 3."""
+    the default recipe; both references were evaluated by the row's evaluation encoder (same_evaluation)
+    and have 3 sites, where issue 24 sets its target (a row with more sites is measured against them: the
+    lever). Issue 24's target: half of each gap at epsilon 8, 30 % at epsilon 3."""
     def usable(r: dict) -> bool:
         row = r["row"]
         return (r["metrics"] is not None and default_sampling(r) and row.get("data", "synthetic") == "synthetic"
@@ -487,6 +489,7 @@ def gap_closed(rows: list[dict]) -> list[dict]:
     def reference(of: dict, **want) -> dict | None:
         return next((r for r in rows if usable(r) and r["row"]["patients_per_site"] == of["row"]["patients_per_site"]
                      and r["row"]["epsilon"] is None and same_evaluation(r, of)
+                     and r["row"].get("sites", Row.sites) == Row.sites  # the target is set at 3 sites
                      and all(r["row"].get(k) == v for k, v in want.items())), None)
 
     out = []

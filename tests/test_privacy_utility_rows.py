@@ -83,8 +83,13 @@ def test_the_gap_closed_is_measured_from_the_public_foundation_to_non_private_fi
     other["real"] = {"condition_accuracy_real": 0.94}
     public_again = entry(Row(patients_per_site=2000, epsilon=None, start="public-only"), 50.0, 0.50, None)
     public_again["real"] = {"condition_accuracy_real": 0.94}
-    shares = {g["name"]: g for g in gap_closed([public, lora, best, half, worse, guided, alone, other, public_again])}
-    assert set(shares) == {half["name"], worse["name"]}  # `other` has a public reference but no non-private one
+    # more sites are a lever measured against the 3-site references, never a reference themselves
+    wider = entry(Row(patients_per_site=2000, epsilon=8.0, sites=10), 42.0, 0.65, 0.005)
+    wider_best = entry(Row(patients_per_site=2000, epsilon=None, sites=10), 20.0, 0.9, None)
+    shares = {g["name"]: g for g in gap_closed([public, lora, wider_best, best, half, worse, guided, alone, other,
+                                                public_again, wider])}
+    assert set(shares) == {half["name"], worse["name"], wider["name"]}  # `other`: a public reference, no ceiling
+    assert abs(shares[wider["name"]]["fid_share"] - 0.75) < 1e-9
     got = shares[half["name"]]
     assert abs(got["fid_share"] - 0.5) < 1e-9 and abs(got["condition_accuracy_share"] - 0.2) < 1e-9
     assert abs(got["per_condition_share"][code] - 0.75) < 1e-9
