@@ -261,7 +261,8 @@ def regimes(data: Path = DATA, out: Path = REGIMES) -> Path:
             continue
         # a non-private site trains with the config's batch whatever --batch-patients says: any size's match
         reference = [p for p in rows if p["row"]["epsilon"] is None and p["row"]["start"] == "foundation"
-                     and p["row"]["patients_per_site"] == r["row"]["patients_per_site"]]
+                     and p["row"]["patients_per_site"] == r["row"]["patients_per_site"] and same_evaluation(p, r)
+                     and p["row"].get("sites", Row.sites) == Row.sites]
         if not reference:
             continue
         best, got = reference[0]["metrics"], r["metrics"]
