@@ -72,7 +72,7 @@ class Row:
     epsilon: float | None = 8.0
     start: str = "foundation"  # foundation | scratch | public-only (the foundation as it is: no site data)
     vae: str = "frozen"  # frozen | dp (foundation rows); scratch rows always train the VAE
-    trainable: str = "all"  # what the IBE and the twin stage fine-tune: all | condition | lora
+    trainable: str = "all"  # what the IBE and the twin stage fine-tune: all | condition | lora | bias | modules
     batch_patients: int = 32
     finetune_lr: float = 2e-4
     twins_per_patient: int = 2

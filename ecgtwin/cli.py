@@ -461,7 +461,7 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-lr", type=float, help="FedAdam's learning rate (default 0.01)")
     p.add_argument("--foundation", type=Path, help="an `ecgtwin pretrain` folder: stages start from its weights; "
                    "a stage with 0 rounds (or trainable: frozen in the config) is used from it frozen (not trained, "
-                   "not sent back, not charged); the config's trainable: all|condition|lora says what the others "
+                   "not sent back, not charged); the config's trainable: all|condition|lora|bias|modules says what the others "
                    "fine-tune")
     p.add_argument("--min-nodes", type=int, default=2, help="fewest sites that must return weights per round")
     p.add_argument("--run-name", default="ecgtwin", help="name written into the sites' ledgers")

@@ -60,7 +60,7 @@ class StageConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     seed: int = 0
-    # what a pass trains (ecgtwin.models.finetune): all | condition | lora | modules | frozen (used as is, e.g.
+    # what a pass trains (ecgtwin.models.finetune): all | condition | lora | bias | modules | frozen (used as is, e.g.
     # from a foundation: not trained, not sent, no privacy cost); lora_rank is the adapters' rank,
     # trainable_modules the dotted module names that `modules` trains
     trainable: str = "all"

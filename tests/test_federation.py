@@ -778,7 +778,7 @@ def fine_tuning_config(consortium, tmp_path: Path, **trainable) -> Path:
     return path
 
 
-@pytest.mark.parametrize("stage,mode", [("ibe", "condition"), ("twin", "condition"), ("twin", "lora"),
+@pytest.mark.parametrize("stage,mode", [("ibe", "condition"), ("twin", "condition"), ("twin", "lora"), ("twin", "bias"),
                                         ("twin", "modules")])
 def test_a_condition_or_lora_dp_pass_changes_only_the_chosen_parameters(consortium, sites, tmp_path, foundation,
                                                                          stage, mode):
@@ -806,6 +806,9 @@ def test_a_condition_or_lora_dp_pass_changes_only_the_chosen_parameters(consorti
     elif mode == "modules":
         assert chosen == {n for n, _ in module.named_parameters()
                           if n.startswith(("blocks.0.cross_attn.", "final_layer."))}
+    elif mode == "bias":  # every bias, the adaLN-Zero modulation's among them, and nothing else
+        assert chosen == {n for n, p in module.named_parameters() if n.endswith(".bias")}
+        assert "blocks.0.adaLN_modulation.1.bias" in chosen and "blocks.0.adaLN_modulation.1.weight" not in chosen
     else:
         pathway = type(module).CONDITION_PATHWAY
         assert all(any(part in pathway for part in n.split(".")) for n in chosen)

@@ -4,6 +4,9 @@ trainable parameters means less noise on each of them for the same privacy).
     all        every parameter
     condition  the condition pathway only (each model names its own: CONDITION_PATHWAY)
     lora       low-rank adapters (Hu et al. 2021) on every attention and MLP projection; the base is frozen
+    bias       the bias terms only (BitFit, Ben Zaken et al. 2022; DP-BiTFiT, Bu et al. 2022): about 1 % of the
+               twin model's parameters, so the noise norm over them is about a tenth of full fine-tuning's,
+               and the adaLN-Zero modulation biases still shift and scale every block
     modules    the parameters under the named modules only (`trainable_modules`: dotted name prefixes such
                as "blocks.1.cross_attn"), e.g. those that a non-private fine-tune on public data moved most
                (bench.weight_movement)
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from .layers import Attention, Mlp
 
-MODES = ("all", "condition", "lora", "modules", "frozen")
+MODES = ("all", "condition", "lora", "bias", "modules", "frozen")
 
 
 class LoRALinear(nn.Linear):
@@ -71,6 +74,8 @@ def trainable_names(module: nn.Module, mode: str, modules: tuple[str, ...] | lis
         return []
     if mode == "lora":
         return [n for n in names if ".lora_a." in n or ".lora_b." in n]
+    if mode == "bias":
+        return [n for n in names if n.endswith(".bias")]
     if mode == "condition":
         pathway = getattr(module, "CONDITION_PATHWAY", ())
         return [n for n in names if any(part in pathway for part in n.split("."))]
