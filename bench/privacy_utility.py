@@ -3,7 +3,7 @@
     python -m bench.privacy_utility --patients-per-site 200 --epsilon 8 --start foundation --out pu/ --record
     python -m bench.privacy_utility --patients-per-site 200 --epsilon none --start foundation --out pu/ --record
     python -m bench.privacy_utility --patients-per-site 200 --epsilon 8 --start scratch --out pu/ --record
-    python -m bench.privacy_utility ... --trainable lora      # or condition; the IBE and twin stages
+    python -m bench.privacy_utility ... --trainable lora      # or condition, bias, modules; the IBE and twin stages
     python -m bench.privacy_utility ... --vae dp              # fine-tune the VAE with DP too (default: frozen)
     python -m bench.privacy_utility ... --precision bf16      # train and generate under bf16 autocast
     python -m bench.privacy_utility ... --sites 10            # more sites (d-j grown from the same seed)
@@ -87,6 +87,7 @@ class Row:
     distributed: bool = False  # distributed DP: sigma/sqrt(sites) per site, one step a round through SecAgg+
     public: str = "simulator"  # the foundation's public data: simulator (foundations/demo) | real (+ real DBs)
     sites: int = 3  # synthetic: sites a-c, and more sites grown from the same seed (evaluated on a-c's patients)
+    max_grad_norm: float = 1.0  # the sites' clipping norm C (bench.dp_signal measures the gradients' norms)
 
     @property
     def name(self) -> str:
@@ -119,6 +120,8 @@ class Row:
             suffix += f"-pub{self.public}"
         if self.sites != Row.sites:
             suffix += f"-{self.sites}sites"
+        if self.max_grad_norm != Row.max_grad_norm:
+            suffix += f"-c{self.max_grad_norm:g}"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -184,7 +187,7 @@ def _measured_row(row: Row, base: Path, stores: dict[str, Path], meter: CpuMeter
     rounds, steps, fractions = row.plan()
     scale = Scale(sites=row.sites, patients_per_site=row.patients_per_site, rounds=rounds, local_steps=steps,
                   batch_patients=row.batch_patients, budget_fractions=fractions, held_out_fraction=row.held_out,
-                  twins_per_patient=row.twins_per_patient)
+                  twins_per_patient=row.twins_per_patient, max_grad_norm=row.max_grad_norm)
     folder = base / row.model_name
     folder.mkdir(parents=True, exist_ok=True)
     reused = (folder / "federation" / "model" / "twin.safetensors").is_file()  # trained by a row of another guidance
@@ -598,6 +601,9 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=Row.sites,
                         help="synthetic: the consortium's sites (default 3); more sites are grown from the same "
                              "seed and the twins are still evaluated on the held-out patients of sites a-c")
+    parser.add_argument("--max-grad-norm", type=float, default=Row.max_grad_norm,
+                        help="the sites' per-patient clipping norm C (default 1.0); bench.dp_signal measures the "
+                             "gradients' norms on public data to choose it")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -614,6 +620,10 @@ def main() -> None:
                      "the config's batch size whatever it says")
     if args.sites < 2 or (args.sites != Row.sites and args.data != "synthetic"):
         parser.error("--sites: at least 2, and only for the synthetic consortium")
+    if args.max_grad_norm != Row.max_grad_norm and (args.epsilon.lower() == "none" or args.start != "foundation"):
+        parser.error("--max-grad-norm is the DP clipping norm: it needs --epsilon and --start foundation")
+    if not args.max_grad_norm > 0:
+        parser.error("--max-grad-norm: must be > 0")
     if args.distributed and (args.epsilon.lower() == "none" or args.start != "foundation"):
         parser.error("--distributed splits DP noise among the sites: it needs --epsilon and --start foundation")
     sized = ({"patients_per_site": 0, "batch_patients": args.batch_patients or PTBXL_BATCH, "twins_per_patient": 4}
@@ -627,7 +637,8 @@ def main() -> None:
               eval_patients=args.eval_patients, guidance=args.guidance,
               guidance_person=args.person_guidance, finetune_lr=args.finetune_lr,
               local_steps=args.local_steps, noise_draws=args.noise_draws,
-              distributed=args.distributed, public=args.public_corpus, sites=args.sites)
+              distributed=args.distributed, public=args.public_corpus, sites=args.sites,
+              max_grad_norm=args.max_grad_norm)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

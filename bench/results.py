@@ -59,6 +59,7 @@ class Scale:
     held_out_fraction: float = 0.3
     twins_per_patient: int = 4
     encoder_steps: int = 600
+    max_grad_norm: float = 1.0  # the sites' per-patient clipping norm C (their policies')
 
 
 def _store(source: str, root: Path, store: Path, **reader_options) -> Path:
@@ -126,7 +127,8 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
             shutil.copytree(store.resolve(), site_dir / "store")
         save_policy(site_policy(site, scale.rounds, scale.local_steps, scale.batch_patients, scale.budget_fractions,
                                 private=epsilon is not None, epsilon=epsilon, delta=1e-5,
-                                population=len(SiteStore(store).patients), distributed_sites=distributed_sites),
+                                population=len(SiteStore(store).patients), distributed_sites=distributed_sites,
+                                max_grad_norm=scale.max_grad_norm),
                     site_dir / "privacy.yaml")
     config_path = config or out / "config.yaml"
     if config is None:

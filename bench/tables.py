@@ -401,6 +401,7 @@ def recipe(row: dict) -> str:
     label += "" if row.get("noise_draws", 1) == 1 else f", {row['noise_draws']} noise draws"
     label += ", distributed DP (SecAgg+)" if row.get("distributed") else ""
     label += "" if row.get("sites", 3) == 3 else f", {row['sites']} sites"
+    label += "" if row.get("max_grad_norm", 1.0) == 1.0 else f", C {row['max_grad_norm']:g}"
     label += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
     return label + ("" if row.get("guidance_person", 2.0) == 2.0 else f", person guidance {row['guidance_person']:g}")
 
@@ -456,7 +457,8 @@ def privacy_utility(d: dict) -> str:
                      f(r.get("real", {}).get("condition_accuracy_real"), 3),
                      "n/a" if noise is None else f(noise, 4),
                      "n/a" if noise is None else
-                     f(noise * twin_parameters(row["trainable"], r.get("trainable_modules", {}).get("twin", ())) ** 0.5, 1),
+                     f(noise / row.get("max_grad_norm", 1.0)  # in units of the row's own C
+                       * twin_parameters(row["trainable"], r.get("trainable_modules", {}).get("twin", ())) ** 0.5, 1),
                      minutes(r["train_wall_s"]),
                      # rows measured before the process-tree meter counted only the bench process, not Ray's workers
                      minutes(r["train_cpu_s"]) if "cpu_measured_by" in r else "n/a"])
@@ -539,6 +541,20 @@ def privacy_weight_movement(d: dict) -> str:
                      f"{e['chosen_share']:.0%}"])
     return table(["stage", "public fine-tuning steps", "chosen modules (share of the squared change)",
                   "parameters", "share held"], rows)
+
+
+def privacy_dp_signal(d: dict) -> str:
+    """bench.dp_signal: per fine-tuning mode and clipping norm, the per-patient gradients' size, the step's
+    signal, and its signal-to-noise ratio over each recorded plan."""
+    rows = []
+    for e in d["modes"]:
+        c = e["max_grad_norm"]
+        by_plan = "; ".join(f"eps {p['epsilon']:g}, {p['batch_patients']} a step, {p['twin_steps']} steps: "
+                            f"{p['snr_plan']:.2f}" for p in e["plans"] if p["batch_patients"] in (32, 128, 512))
+        rows.append([e["mode"], f"{c:g}", f"{e['parameters']:,}", f"{e['median_norm_before_clipping'] / c:.2f}",
+                     f"{e['share_clipped']:.0%}", f"{e['signal_norm'] / c:.3f}", by_plan or "n/a"])
+    return table(["trainable", "C", "parameters", "median patient gradient / C", "patients clipped",
+                  "signal |mu| / C", "signal / noise over the plan's twin steps"], rows)
 
 
 REGIONS = {

@@ -25,6 +25,18 @@ def test_rows_that_differ_only_in_guidance_share_one_model():
     assert distributed.model_name == default.name + "-dist"
     assert distributed.plan()[:2] == ((0, 40, 240), (1, 1, 1)) and default.plan()[:2] == ((0, 1, 2), (1, 40, 120))
     assert Row(patients_per_site=2000, sites=10).model_name == default.name + "-10sites"
+    assert Row(patients_per_site=2000, max_grad_norm=0.3).model_name == default.name + "-c0.3"
+
+
+def test_a_row_with_another_clipping_norm_says_so_and_its_noise_norm_is_in_its_own_c():
+    """The recipe column names C, and "twin noise norm / C" divides the recorded sigma C / E by the row's C."""
+    import dataclasses
+
+    from bench.tables import recipe, twin_parameters
+
+    row = dataclasses.asdict(Row(patients_per_site=2000, max_grad_norm=0.3))
+    assert recipe(row) == "all, C 0.3" and recipe(dataclasses.asdict(Row(patients_per_site=2000))) == "all"
+    assert twin_parameters("all") == 245892 and twin_parameters("bias") == 3140
 
 
 def entry(row: Row, fid: float, accuracy: float, noise: float | None) -> dict:

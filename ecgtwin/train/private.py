@@ -103,7 +103,7 @@ def private_pass(stage: str, config: ExperimentConfig, store: SiteStore, weights
                         "to train with that weaker guarantee")
     rows = pass_rows(store, config, patients)
     rand = pass_randomness(policy, stage, round, ledger, charge_key)
-    built = _BUILDERS[stage](config, store, rows, weights, policy, rand, cache_dir, torch.device(device))
+    built = private_stage(stage, config, store, rows, weights, policy, rand, cache_dir, torch.device(device))
     n = len(set(store.records.patient_id.to_numpy()[rows]))
     population = policy.public_population(where)
     if n > population:  # a utility and delta matter for the officer; refusing would leak n to the server
@@ -435,3 +435,11 @@ def _twin(config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights:
 
 
 _BUILDERS: dict[str, Callable[..., PrivateStage]] = {"vae": _vae, "ibe": _ibe, "twin": _twin}
+
+
+def private_stage(stage: str, config: ExperimentConfig, store: SiteStore, rows: np.ndarray, weights: StageWeights,
+                  policy: PrivacyPolicy, rand: PatientRandomness, cache_dir: Path | None = None,
+                  device: torch.device = CPU) -> PrivateStage:
+    """The stage's trainable module, its patients and its per-patient loss, as a DP pass builds them (for
+    measurements of the per-patient gradients, e.g. bench.dp_signal)."""
+    return _BUILDERS[stage](config, store, rows, weights, policy, rand, cache_dir, device)
