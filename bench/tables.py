@@ -587,6 +587,7 @@ REGIONS = {
     "privacy-gap": ("privacy.md", "privacy_utility", privacy_gap),
     "privacy-ptbxl": ("privacy.md", "privacy_utility", privacy_ptbxl),
     "privacy-weight-movement": ("privacy.md", "benchmarks/weight_movement", privacy_weight_movement),
+    "privacy-dp-signal": ("privacy.md", "benchmarks/dp_signal", privacy_dp_signal),
 }
 
 
