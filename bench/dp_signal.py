@@ -107,17 +107,16 @@ def run(store_path: Path, out: Path, patients: int, clips: list[float]) -> dict:
     store = SiteStore(store_path)
     policy = PrivacyPolicy(site="signal", epsilon=8.0, population=max(patients, 1), seed=0)
     recorded = plans(json.loads(ROWS.read_text())["rows"])
+    foundation = {s: Checkpoint(FOUNDATION).load_arrays(s) for s in STAGES}
+    rows = pass_rows(store, load_config(CONFIG), None)  # the same patients for every mode
+    ids = store.records.patient_id.to_numpy()[rows]
+    rows = rows[np.isin(ids, sorted(set(ids))[:patients])]
     results = []
     for mode in MODES:
         config = load_config(CONFIG)
         config.twin.trainable = mode
         config.twin.trainable_modules = chosen_modules("twin") if mode == "modules" else []
-        foundation = Checkpoint(FOUNDATION)
-        weights = {s: start_from(s, config, foundation.load_arrays(s)) for s in STAGES}
-        rows = pass_rows(store, config, None)
-        ids = store.records.patient_id.to_numpy()[rows]
-        keep = set(sorted(set(ids))[:patients])
-        rows = rows[np.isin(ids, list(keep))]
+        weights = {s: start_from(s, config, foundation[s]) for s in STAGES}
         started = time.perf_counter()
         stage = private_stage("twin", config, store, rows, weights, policy, PatientRandomness.from_seed(0, "signal", "twin", 1),
                               out / "cache")
@@ -146,13 +145,16 @@ def run(store_path: Path, out: Path, patients: int, clips: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", type=Path, required=True, help="a prepared site store (e.g. OUT/n2000/stores/site_a)")
+    parser.add_argument("--store", type=Path, required=True,
+                        help="a prepared store: the bench's public reference population (OUT/n2000/reference-store)")
     parser.add_argument("--out", type=Path, default=Path("dp-signal"))
     parser.add_argument("--patients", type=int, default=256)
     parser.add_argument("--max-grad-norm", type=lambda t: [float(x) for x in t.split(",")], default=[1.0, 0.3],
                         help="the clipping norms C to measure at, comma-separated (default 1,0.3: the rows' Cs)")
     parser.add_argument("--record", action="store_true", help=f"write {DATA.relative_to(ROOT)}")
     args = parser.parse_args(argv)
+    if not (args.store / "manifest.json").is_file():
+        parser.error(f"--store {args.store}: not a prepared store (no manifest.json)")
     if args.patients < 2:
         parser.error("--patients: at least 2 (the signal's estimate needs two)")
     args.out.mkdir(parents=True, exist_ok=True)
