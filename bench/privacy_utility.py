@@ -88,6 +88,7 @@ class Row:
     public: str = "simulator"  # the foundation's public data: simulator (foundations/demo) | real (+ real DBs)
     sites: int = 3  # synthetic: sites a-c, and more sites grown from the same seed (evaluated on a-c's patients)
     max_grad_norm: float = 1.0  # the sites' clipping norm C (bench.dp_signal measures the gradients' norms)
+    ibe: str = "dp"  # dp (fine-tuned at the sites) | frozen (the foundation's; the twin stage gets the budget)
 
     @property
     def name(self) -> str:
@@ -122,6 +123,8 @@ class Row:
             suffix += f"-{self.sites}sites"
         if self.max_grad_norm != Row.max_grad_norm:
             suffix += f"-c{self.max_grad_norm:g}"
+        if self.ibe != Row.ibe:
+            suffix += f"-ibe{self.ibe}"
         return f"{size}-{eps}-{self.start}-vae{self.vae}-{self.trainable}{suffix}"
 
     @property
@@ -135,6 +138,10 @@ class Row:
         rounds, steps, fractions = self._default_plan()
         if self.local_steps is not None:
             steps = (steps[0], *self.local_steps)
+        if self.ibe == "frozen":  # no IBE release: its share of the budget goes to the others, in proportion
+            rounds, kept = (rounds[0], 0, rounds[2]), (fractions[0], fractions[2])
+            total = sum(f or 0 for f in kept)
+            fractions = (None if kept[0] is None else kept[0] / total, None, kept[1] / total)
         if self.distributed:  # the same DP steps, each its own SecAgg+ round (the VAE stays frozen)
             rounds = tuple(r * k if i else r for i, (r, k) in enumerate(zip(rounds, steps)))
             steps = (steps[0], 1, 1)
@@ -604,6 +611,9 @@ def main() -> None:
     parser.add_argument("--max-grad-norm", type=float, default=Row.max_grad_norm,
                         help="the sites' per-patient clipping norm C (default 1.0); bench.dp_signal measures the "
                              "gradients' norms on public data to choose it")
+    parser.add_argument("--ibe", choices=["dp", "frozen"], default=Row.ibe,
+                        help="dp (default): the sites fine-tune the IBE too; frozen: the foundation's IBE as it is, "
+                             "no IBE release, its share of the budget goes to the twin stage")
     parser.add_argument("--out", type=Path, default=Path("privacy-utility"))
     parser.add_argument("--foundation", type=Path, default=FOUNDATION, help="default foundations/demo")
     parser.add_argument("--record", action="store_true", help="merge the row into bench/data/privacy_utility.json")
@@ -624,6 +634,8 @@ def main() -> None:
         parser.error("--max-grad-norm is the DP clipping norm: it needs --epsilon and --start foundation")
     if not args.max_grad_norm > 0:
         parser.error("--max-grad-norm: must be > 0")
+    if args.ibe != Row.ibe and args.start != "foundation":
+        parser.error("--ibe frozen keeps the foundation's IBE: it needs --start foundation")
     if args.distributed and (args.epsilon.lower() == "none" or args.start != "foundation"):
         parser.error("--distributed splits DP noise among the sites: it needs --epsilon and --start foundation")
     sized = ({"patients_per_site": 0, "batch_patients": args.batch_patients or PTBXL_BATCH, "twins_per_patient": 4}
@@ -638,7 +650,7 @@ def main() -> None:
               guidance_person=args.person_guidance, finetune_lr=args.finetune_lr,
               local_steps=args.local_steps, noise_draws=args.noise_draws,
               distributed=args.distributed, public=args.public_corpus, sites=args.sites,
-              max_grad_norm=args.max_grad_norm)
+              max_grad_norm=args.max_grad_norm, ibe=args.ibe)
     result = run_row(row, args.out)
     if args.record:  # before anything is printed: a closed stdout must not lose a measured row
         path = record(result, ' '.join([parser.prog, *sys.argv[1:]]))

@@ -402,6 +402,7 @@ def recipe(row: dict) -> str:
     label += ", distributed DP (SecAgg+)" if row.get("distributed") else ""
     label += "" if row.get("sites", 3) == 3 else f", {row['sites']} sites"
     label += "" if row.get("max_grad_norm", 1.0) == 1.0 else f", C {row['max_grad_norm']:g}"
+    label += "" if row.get("ibe", "dp") == "dp" else f", IBE {row['ibe']}"
     label += "" if row.get("guidance", 2.0) == 2.0 else f", guidance {row['guidance']:g}"
     return label + ("" if row.get("guidance_person", 2.0) == 2.0 else f", person guidance {row['guidance_person']:g}")
 

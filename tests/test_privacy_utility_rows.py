@@ -28,6 +28,19 @@ def test_rows_that_differ_only_in_guidance_share_one_model():
     assert Row(patients_per_site=2000, max_grad_norm=0.3).model_name == default.name + "-c0.3"
 
 
+def test_a_frozen_ibe_row_plans_no_ibe_release_and_gives_its_budget_share_to_the_twin_stage():
+    from bench.tables import recipe
+
+    frozen = Row(patients_per_site=2000, ibe="frozen")
+    assert frozen.model_name == Row(patients_per_site=2000).model_name + "-ibefrozen"
+    assert frozen.plan() == ((0, 0, 2), (1, 40, 120), (None, None, 1.0))
+    rounds, _, fractions = Row(patients_per_site=200, vae="dp", ibe="frozen").plan()  # VAE 0.2, twin 0.56 of 0.76
+    assert rounds == (1, 0, 2) and fractions[1] is None and abs(sum(fractions[::2]) - 1) < 1e-12
+    assert abs(fractions[0] / fractions[2] - 0.2 / 0.56) < 1e-12
+    assert Row(patients_per_site=2000, ibe="frozen", distributed=True).plan()[:2] == ((0, 0, 240), (1, 1, 1))
+    assert recipe(__import__("dataclasses").asdict(frozen)) == "all, IBE frozen"
+
+
 def test_a_row_with_another_clipping_norm_says_so_and_its_noise_norm_is_in_its_own_c():
     """The recipe column names C, and "twin noise norm / C" divides the recorded sigma C / E by the row's C."""
     import dataclasses
