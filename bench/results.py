@@ -133,12 +133,12 @@ def train_federated(out: Path, stores: dict[str, Path], scale: Scale, epsilon: f
     config_path = config or out / "config.yaml"
     if config is None:
         save_config(experiment_config(scale), config_path)
+    options = {"strategy": strategy, "min_nodes": min(2, scale.sites)}
+    if distributed_sites is not None:  # every site in every SecAgg+ sum; the server steps on the unmasked mean
+        options = {"strategy": "fedadam", "min_nodes": distributed_sites, "secure_aggregation": True,
+                   "server_lr": server_lr or 1e-3}
     settings = simulation_settings(config_path, out / "federation", sites_root, scale.rounds, foundation,
-                                   run_name=out.name, strategy=strategy, proximal_mu=PROXIMAL_MU,
-                                   min_nodes=min(2, scale.sites),
-                                   **({} if distributed_sites is None else {
-                                       "secure_aggregation": True, "strategy": "fedadam",
-                                       "min_nodes": distributed_sites, "server_lr": server_lr or 1e-3}))
+                                   run_name=out.name, proximal_mu=PROXIMAL_MU, **options)
     status = simulate(settings.to_run_config(), out / "federation" / "simulation.log")
     if status.get("status") != "finished":
         raise RuntimeError(f"federated training failed: {status.get('message')} (log: {out / 'federation'})")

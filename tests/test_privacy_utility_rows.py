@@ -139,3 +139,35 @@ def test_a_row_measured_again_by_another_evaluation_encoder_keeps_the_first(tmp_
     rows = json.loads(data.read_text())["rows"]
     assert rows[public["name"]]["metrics"]["fid"] == 50.0
     assert rows[f"{public['name']}@0.943"]["metrics"]["fid"] == 48.0
+
+
+def test_a_distributed_row_runs_every_site_through_secagg_with_fedadam_at_the_rows_rate(tmp_path, monkeypatch):
+    """bench.results.train_federated's distributed wiring: the run config the simulation gets (inspected,
+    the simulation itself replaced by a recorder) turns on SecAgg+, FedAdam at the row's learning rate and
+    every site in every round, and each site's policy splits the noise among the sites."""
+    from bench.results import Scale, train_federated
+    from ecgtwin.coordinator import launch
+    from ecgtwin.data.prepare import prepare_store
+    from ecgtwin.data.synthetic import synthesize_consortium
+    from ecgtwin.privacy.policy import load_policy
+
+    synthesize_consortium(tmp_path / "raw", sites=3, patients_per_site=4, records_per_patient=2, seed=3, progress=False)
+    stores = {s: tmp_path / "stores" / s for s in ("site_a", "site_b", "site_c")}
+    for site, store in stores.items():
+        prepare_store("synthetic", tmp_path / "raw" / site, store, progress=False)
+    seen = {}
+
+    def recorder(run_config: dict, log: Path) -> dict:
+        seen.update(run_config)
+        return {"status": "finished"}
+
+    monkeypatch.setattr(launch, "simulate", recorder)
+    row = Row(patients_per_site=4, distributed=True, ibe="frozen", finetune_lr=3e-4)
+    rounds, steps, fractions = row.plan()
+    scale = Scale(sites=3, patients_per_site=4, rounds=rounds, local_steps=steps, budget_fractions=fractions)
+    train_federated(tmp_path / "row", stores, scale, 8.0, distributed_sites=3, server_lr=row.finetune_lr)
+    assert seen["secure-aggregation"] is True and seen["strategy"] == "fedadam"
+    assert seen["min-nodes"] == 3 and seen["server-lr"] == 3e-4
+    assert (seen["rounds-vae"], seen["rounds-ibe"], seen["rounds-twin"]) == rounds == (0, 0, 240)
+    policy = load_policy(tmp_path / "row" / "sites" / "site_a" / "privacy.yaml")
+    assert policy.distributed_sites == 3 and policy.stage("twin").local_steps == 1
